@@ -1,0 +1,1 @@
+//! concord-api-etcd: see ARCHITECTURE.md.

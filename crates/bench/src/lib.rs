@@ -1,0 +1,1 @@
+//! concord-bench: see ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+//! Multi-Paxos with a distinguished leader. Under construction.

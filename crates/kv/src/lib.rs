@@ -1,0 +1,1 @@
+//! concord-kv: see ARCHITECTURE.md.

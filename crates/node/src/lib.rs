@@ -1,0 +1,1 @@
+//! concord-node: see ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+//! concord-sim: see ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+//! concord-storage: see ARCHITECTURE.md.
