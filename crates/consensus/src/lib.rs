@@ -61,7 +61,14 @@ pub struct Entry {
 
 impl fmt::Debug for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}:{:?}({}B)", self.index, self.term, self.kind, self.data.len())
+        write!(
+            f,
+            "{}@{}:{:?}({}B)",
+            self.index,
+            self.term,
+            self.kind,
+            self.data.len()
+        )
     }
 }
 
@@ -93,7 +100,11 @@ impl ConfState {
         let mut voters: Vec<NodeId> = voters.into_iter().collect();
         voters.sort_unstable();
         voters.dedup();
-        ConfState { voters, learners: Vec::new(), voters_outgoing: Vec::new() }
+        ConfState {
+            voters,
+            learners: Vec::new(),
+            voters_outgoing: Vec::new(),
+        }
     }
 
     pub fn is_joint(&self) -> bool {
@@ -165,7 +176,11 @@ impl ConfChange {
         }
         let count = u32::from_le_bytes([data[1], data[2], data[3], data[4]]) as usize;
         let body = &data[5..];
-        if body.len() != count.checked_mul(9).ok_or(DecodeError("conf change: count"))? {
+        if body.len()
+            != count
+                .checked_mul(9)
+                .ok_or(DecodeError("conf change: count"))?
+        {
             return Err(DecodeError("conf change: length does not match count"));
         }
         let mut changes = Vec::with_capacity(count);
@@ -340,7 +355,10 @@ impl fmt::Display for ProposeError {
             ProposeError::ConfChangeRejected(why) => write!(f, "membership change rejected: {why}"),
             ProposeError::Transferring => f.write_str("leadership transfer in progress"),
             ProposeError::TooLarge { size, max } => {
-                write!(f, "request of {size} bytes exceeds the limit of {max} bytes")
+                write!(
+                    f,
+                    "request of {size} bytes exceeds the limit of {max} bytes"
+                )
             }
         }
     }
@@ -399,6 +417,9 @@ pub struct Config {
     pub max_pending_reads: usize,
     /// Snapshot chunk size for InstallSnapshot.
     pub snapshot_chunk_bytes: usize,
+    /// Testing only: plant a known bug by name (see [`Replica::known_bugs`]) so the
+    /// simulator can show its checkers catch it. `None` in every real deployment.
+    pub inject_bug: Option<String>,
 }
 
 impl Config {
@@ -418,11 +439,17 @@ impl Config {
             max_uncommitted_bytes: 64 << 20,
             max_pending_reads: 4096,
             snapshot_chunk_bytes: 256 * 1024,
+            inject_bug: None,
         }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, reason: &str| Err(ConfigError { field, reason: reason.to_string() });
+        let bad = |field, reason: &str| {
+            Err(ConfigError {
+                field,
+                reason: reason.to_string(),
+            })
+        };
         if self.id == NO_NODE {
             return bad("id", "must be non-zero");
         }
@@ -454,6 +481,17 @@ impl Config {
             return bad("snapshot_chunk_bytes", "must be at least 1");
         }
         Ok(())
+    }
+
+    /// Checks `inject_bug` against the engine's list of known bugs.
+    pub fn validate_bug(&self, known: &[&str]) -> Result<(), ConfigError> {
+        match &self.inject_bug {
+            Some(b) if !known.contains(&b.as_str()) => Err(ConfigError {
+                field: "inject_bug",
+                reason: format!("unknown bug {b:?}; known: {}", known.join(", ")),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -487,6 +525,23 @@ impl Prng {
 pub trait Replica {
     /// The engine's peer message type. The runtime encodes it with [`Replica::encode_message`].
     type Message: Clone + fmt::Debug + Send + 'static;
+
+    /// Creates a replica. For a brand-new group `recovered` is default and `initial` lists
+    /// the founding members; on restart `recovered` is what storage returned and the
+    /// membership comes from the snapshot and the log (`initial` is then ignored if the
+    /// recovered state carries a configuration). Fails on an invalid config.
+    fn create(
+        config: Config,
+        initial: ConfState,
+        recovered: Recovered,
+    ) -> Result<Self, ConfigError>
+    where
+        Self: Sized;
+
+    /// Names of the bugs this engine can plant via `Config::inject_bug` (for the simulator).
+    fn known_bugs() -> &'static [&'static str]
+    where
+        Self: Sized;
 
     fn id(&self) -> NodeId;
 

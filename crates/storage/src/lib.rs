@@ -15,8 +15,15 @@ use std::fmt;
 /// A storage failure. Corruption names the file and byte offset and what to do.
 #[derive(Debug)]
 pub enum StorageError {
-    Io { path: String, source: std::io::Error },
-    Corrupt { path: String, offset: u64, detail: String },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    Corrupt {
+        path: String,
+        offset: u64,
+        detail: String,
+    },
     /// A caller broke the contract (e.g. appended a gap); a bug above, reported not panicked.
     Invalid(String),
 }
@@ -25,7 +32,11 @@ impl fmt::Display for StorageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StorageError::Io { path, source } => write!(f, "I/O error on {path}: {source}"),
-            StorageError::Corrupt { path, offset, detail } => write!(
+            StorageError::Corrupt {
+                path,
+                offset,
+                detail,
+            } => write!(
                 f,
                 "corrupt data in {path} at byte offset {offset}: {detail}. Refusing to start: \
                  remove this node's data folder and let it rejoin from its peers"
