@@ -897,6 +897,9 @@ impl Raft {
     ) {
         // Reject malformed batches outright: indices must follow prev_index and terms may
         // not exceed the leader's term or go backwards.
+        if prev_index.checked_add(entries.len() as u64 + 1).is_none() {
+            return; // Indices this large cannot come from a real log.
+        }
         let mut t = prev_term;
         for (expect, e) in (prev_index.saturating_add(1)..).zip(&entries) {
             if e.index != expect || e.term < t || e.term > self.term {
@@ -1009,7 +1012,7 @@ impl Raft {
             );
             return;
         }
-        if meta.index == 0 || meta.conf.voters.is_empty() {
+        if meta.index == 0 || meta.term > self.term || meta.conf.voters.is_empty() {
             return; // Not a snapshot any leader could have produced.
         }
         let term = self.term;
