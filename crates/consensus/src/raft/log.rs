@@ -22,7 +22,7 @@ impl RaftLog {
     /// all already durable (this is what a restart recovers).
     pub fn new(snap_index: u64, snap_term: u64, entries: Vec<Entry>) -> Result<Self, &'static str> {
         let mut prev_term = snap_term;
-        for (expect, e) in (snap_index + 1..).zip(&entries) {
+        for (e, expect) in entries.iter().zip(snap_index + 1..) {
             if e.index != expect {
                 return Err("entries are not contiguous after the snapshot");
             }

@@ -901,7 +901,7 @@ impl Raft {
             return; // Indices this large cannot come from a real log.
         }
         let mut t = prev_term;
-        for (expect, e) in (prev_index.saturating_add(1)..).zip(&entries) {
+        for (e, expect) in entries.iter().zip(prev_index + 1..) {
             if e.index != expect || e.term < t || e.term > self.term {
                 return;
             }
