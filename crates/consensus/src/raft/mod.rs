@@ -574,7 +574,13 @@ impl Raft {
                 .progress
                 .get(&to)
                 .is_some_and(|p| p.state == ProgressState::Replicate);
-            if commit_dirty && !sent && replicate {
+            let idle = self
+                .progress
+                .get(&to)
+                .is_some_and(|p| p.inflights.is_empty());
+            // Only when nothing is in flight: an empty append racing ahead of in-flight
+            // entries would be rejected and knock the follower back to probing.
+            if commit_dirty && !sent && replicate && idle {
                 // Nothing new to send, but the follower should learn the commit index.
                 self.send_append(to, true);
             }
@@ -1214,23 +1220,30 @@ impl Raft {
             pr.hb_acked_tick = pr.hb_acked_tick.max(sent_tick);
         }
         pr.read_seq_acked = pr.read_seq_acked.max(read_seq);
+        let behind = pr.matched < last;
         match pr.state {
-            ProgressState::Probe => pr.paused = false,
+            ProgressState::Probe => {
+                pr.paused = false;
+                if behind {
+                    self.send_append(from, true);
+                }
+            }
             ProgressState::Replicate => {
                 // The follower is alive; if our window is full its acks were probably
-                // lost, so free a slot to get the pipeline moving again.
+                // lost, so free a slot to get the pipeline moving again. With nothing in
+                // flight but the follower behind, the last append was lost: probe.
                 if pr.inflights.full() {
                     pr.inflights.free_first();
                 }
+                if behind && pr.inflights.is_empty() {
+                    self.send_append(from, true);
+                }
+                self.replicate_dirty = true;
             }
             ProgressState::Snapshot => {
                 // Retransmit the chunk the follower is waiting for.
                 self.send_snapshot_chunk(from);
             }
-        }
-        let pr = self.progress.get(&from).expect("present");
-        if pr.matched < last && pr.state != ProgressState::Snapshot {
-            self.send_append(from, true);
         }
         self.resolve_reads();
     }
@@ -1362,7 +1375,9 @@ impl Replica for Raft {
             heartbeat_elapsed: 0,
             randomized_timeout: config.election_ticks,
             // A brand-new replica never acknowledged any leader, so it owes nobody.
-            lease_guard: config.check_quorum && hs.term > 0,
+            // Only leases depend on that promise, so the guard is only needed with lease
+            // reads.
+            lease_guard: config.check_quorum && config.read_mode == ReadMode::Lease && hs.term > 0,
             ticks: 1,
             votes: BTreeMap::new(),
             conf: ConfHistory::new(base_conf),

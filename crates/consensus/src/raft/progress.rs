@@ -31,6 +31,9 @@ impl Inflights {
     pub fn full(&self) -> bool {
         self.last_indices.len() >= self.max_inflight_msgs
     }
+    pub fn is_empty(&self) -> bool {
+        self.last_indices.is_empty()
+    }
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.last_indices.len()
