@@ -21,6 +21,7 @@
 //! - `add-node ID [keys]` creates a node with an empty configuration (to be added).
 //! - `campaign ID` ticks ID until its election timeout fires.
 //! - `tick ID N`, `tick-all N` advance logical time (messages wait for `stabilize`).
+//! - `run N`: N times, tick every node once and stabilize quietly.
 //! - `propose ID DATA`, `read-index ID CTX`, `transfer ID TO`, `compact ID INDEX`.
 //! - `conf-change ID add-voter N | add-learner N | remove N ...`.
 //! - `stabilize [quiet]` loops ready/deliver until nothing moves, printing messages.
@@ -375,6 +376,19 @@ impl Harness {
                 for _ in 0..num(1)? {
                     for n in self.nodes.values_mut() {
                         n.raft.tick();
+                    }
+                }
+            }
+            "run" => {
+                // N rounds of: every node ticks once, then everything settles.
+                for _ in 0..num(1)? {
+                    for n in self.nodes.values_mut() {
+                        n.raft.tick();
+                    }
+                    for _ in 0..1000 {
+                        if !self.round(&mut out, true) {
+                            break;
+                        }
                     }
                 }
             }
