@@ -15,7 +15,7 @@
 //! apply, advance" loop, crash-restarts nodes from what they persisted, and cuts links.
 //!
 //! Commands:
-//! - `add-nodes N [key=value...]` creates voters 1..=N. Keys: `pre_vote`, `check_quorum`,
+//! - `add-nodes N [key=value...]` starts a fresh cluster of voters 1..=N. Keys: `pre_vote`, `check_quorum`,
 //!   `lease` (bool), `election`, `heartbeat`, `inflight`, `batch_entries`, `batch_bytes`,
 //!   `uncommitted`, `chunk`, `bug`.
 //! - `add-node ID [keys]` creates a node with an empty configuration (to be added).
@@ -341,6 +341,8 @@ impl Harness {
         let mut out = String::new();
         match words[0] {
             "add-nodes" => {
+                // A fresh cluster: forget every node, message and cut link.
+                *self = Harness::default();
                 let n = num(1)?;
                 let conf = ConfState::new(1..=n);
                 for id in 1..=n {
