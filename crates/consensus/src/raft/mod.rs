@@ -1229,13 +1229,16 @@ impl Raft {
                 }
             }
             ProgressState::Replicate => {
-                // The follower is alive; if our window is full its acks were probably
-                // lost, so free a slot to get the pipeline moving again. With nothing in
-                // flight but the follower behind, the last append was lost: probe.
-                if pr.inflights.full() {
-                    pr.inflights.free_first();
-                }
-                if behind && pr.inflights.is_empty() {
+                // The follower is alive but behind, and either nothing is in flight or
+                // nothing was acknowledged since the previous heartbeat answer: appends were
+                // probably lost. Free a slot and send an append from `next`; if the
+                // follower misses entries it rejects it and we fall back to probing.
+                let stalled = pr.inflights.is_empty() || pr.matched == pr.matched_at_last_hb;
+                pr.matched_at_last_hb = pr.matched;
+                if behind && stalled {
+                    if pr.inflights.full() {
+                        pr.inflights.free_first();
+                    }
                     self.send_append(from, true);
                 }
                 self.replicate_dirty = true;
@@ -1515,10 +1518,16 @@ impl Replica for Raft {
         }
         self.lead_transferee = to;
         self.transfer_elapsed = 0;
-        let caught_up = self.progress[&to].matched == self.log.last_index();
-        if caught_up {
+        let pr = self.progress.get_mut(&to).expect("checked above");
+        if pr.matched == self.log.last_index() {
             self.send(to, Body::TimeoutNow);
         } else {
+            // Catch the target up now rather than at the next heartbeat answer: probe
+            // from its match point (appends in flight may have been lost).
+            if pr.state != ProgressState::Snapshot {
+                let next = pr.matched + 1;
+                pr.become_probe(next);
+            }
             self.replicate_dirty = true;
         }
     }

@@ -75,6 +75,9 @@ pub struct Progress {
     pub hb_acked_tick: u64,
     /// Highest read sequence number this follower acknowledged (ReadIndex).
     pub read_seq_acked: u64,
+    /// `matched` at the previous heartbeat answer: if it has not moved since while
+    /// appends are in flight, those appends were probably lost.
+    pub matched_at_last_hb: u64,
     /// Snapshot state: which snapshot, and how many bytes the follower has.
     pub snapshot_index: u64,
     pub snapshot_offset: u64,
@@ -91,6 +94,7 @@ impl Progress {
             recent_active: false,
             hb_acked_tick: 0,
             read_seq_acked: 0,
+            matched_at_last_hb: 0,
             snapshot_index: 0,
             snapshot_offset: 0,
         }
