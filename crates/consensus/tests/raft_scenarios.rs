@@ -32,8 +32,8 @@
 
 use concord_consensus::raft::{Body, Message, Raft};
 use concord_consensus::{
-    ConfChange, ConfChangeItem, ConfState, Config, Entry, EntryKind, HardState, NodeId,
-    ReadMode, ReadState, Recovered, Replica, Snapshot,
+    ConfChange, ConfChangeItem, ConfState, Config, Entry, EntryKind, HardState, NodeId, ReadMode,
+    ReadState, Recovered, Replica, Snapshot,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
@@ -76,13 +76,7 @@ fn parse_config(id: NodeId, args: &[&str]) -> Result<Config, String> {
         match k {
             "pre_vote" => c.pre_vote = b(),
             "check_quorum" => c.check_quorum = b(),
-            "lease" => {
-                c.read_mode = if b() {
-                    ReadMode::Lease
-                } else {
-                    ReadMode::Safe
-                }
-            }
+            "lease" => c.read_mode = if b() { ReadMode::Lease } else { ReadMode::Safe },
             "election" => c.election_ticks = n()? as u32,
             "heartbeat" => c.heartbeat_ticks = n()? as u32,
             "inflight" => c.max_inflight_msgs = n()?,
@@ -132,7 +126,10 @@ fn fmt_msg(from: NodeId, to: NodeId, m: &Message) -> String {
             last_term,
         } => format!("PreVote term={t} last={last_index}@{last_term}"),
         Body::PreVoteResp { reject } => {
-            format!("PreVoteResp term={t} {}", if *reject { "reject" } else { "grant" })
+            format!(
+                "PreVoteResp term={t} {}",
+                if *reject { "reject" } else { "grant" }
+            )
         }
         Body::Vote {
             last_index,
@@ -143,17 +140,24 @@ fn fmt_msg(from: NodeId, to: NodeId, m: &Message) -> String {
             if *transfer { " transfer" } else { "" }
         ),
         Body::VoteResp { reject } => {
-            format!("VoteResp term={t} {}", if *reject { "reject" } else { "grant" })
+            format!(
+                "VoteResp term={t} {}",
+                if *reject { "reject" } else { "grant" }
+            )
         }
         Body::Append {
             prev_index,
             prev_term,
             entries,
             commit,
+            base_conf,
         } => {
             let es: Vec<String> = entries.iter().map(fmt_entry).collect();
+            let base = base_conf
+                .as_ref()
+                .map_or(String::new(), |c| format!(" base={:?}", c.voters));
             format!(
-                "Append term={t} prev={prev_index}@{prev_term} commit={commit} [{}]",
+                "Append term={t} prev={prev_index}@{prev_term} commit={commit} [{}]{base}",
                 es.join(" ")
             )
         }
@@ -233,7 +237,11 @@ impl Harness {
         let st = &mut n.storage;
         if let Some(s) = &rd.snapshot {
             st.entries.retain(|e| e.index > s.meta.index);
-            if st.entries.first().is_some_and(|e| e.index != s.meta.index + 1) {
+            if st
+                .entries
+                .first()
+                .is_some_and(|e| e.index != s.meta.index + 1)
+            {
                 st.entries.clear();
             }
             st.snapshot = Some(s.clone());
@@ -303,7 +311,10 @@ impl Harness {
         let n = self.node(id)?;
         let st = n.storage.clone();
         let applied = st.snapshot.as_ref().map_or(0, |s| s.meta.index);
-        n.sm = st.snapshot.as_ref().map_or(Vec::new(), |s| decode_sm(&s.data));
+        n.sm = st
+            .snapshot
+            .as_ref()
+            .map_or(Vec::new(), |s| decode_sm(&s.data));
         n.reads.clear();
         let rec = Recovered {
             hard_state: st.hs,
@@ -319,7 +330,14 @@ impl Harness {
         let s = self.nodes[&id].raft.status();
         let mut line = format!(
             "{id}: {:?} term={} leader={} commit={} applied={} log={}..{} voters={:?}",
-            s.role, s.term, s.leader, s.commit, s.applied, s.first_index, s.last_index, s.conf.voters
+            s.role,
+            s.term,
+            s.leader,
+            s.commit,
+            s.applied,
+            s.first_index,
+            s.last_index,
+            s.conf.voters
         );
         if !s.conf.voters_outgoing.is_empty() {
             let _ = write!(line, " outgoing={:?}", s.conf.voters_outgoing);
@@ -333,7 +351,10 @@ impl Harness {
     fn run(&mut self, cmd: &str) -> Result<String, String> {
         let words: Vec<&str> = cmd.split_whitespace().collect();
         let arg = |i: usize| -> Result<&str, String> {
-            words.get(i).copied().ok_or(format!("{cmd}: missing argument {i}"))
+            words
+                .get(i)
+                .copied()
+                .ok_or(format!("{cmd}: missing argument {i}"))
         };
         let num = |i: usize| -> Result<u64, String> {
             arg(i)?.parse::<u64>().map_err(|e| format!("{cmd}: {e}"))

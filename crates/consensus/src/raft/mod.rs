@@ -502,12 +502,14 @@ impl Raft {
             ProgressState::Replicate => {
                 if let Some(last) = last {
                     pr.next = last + 1;
-                    pr.inflights.add(last);
+                    pr.inflights.add(last, self.ticks);
                 }
             }
             ProgressState::Probe => pr.paused = true,
             ProgressState::Snapshot => unreachable!("can_send is false while snapshotting"),
         }
+        // Replaying the log from index 1 needs the founding configuration it starts from.
+        let base_conf = (prev_index == 0).then(|| self.conf.at(0).clone());
         self.send(
             to,
             Body::Append {
@@ -515,6 +517,7 @@ impl Raft {
                 prev_term,
                 entries,
                 commit,
+                base_conf,
             },
         );
         true
@@ -850,9 +853,13 @@ impl Raft {
                 prev_term,
                 entries,
                 commit,
+                base_conf,
             } => {
                 self.election_elapsed = 0;
                 self.leader = from;
+                if let Some(base) = base_conf {
+                    self.adopt_base_conf(base);
+                }
                 self.handle_append(from, prev_index, prev_term, entries, commit);
             }
             Body::Heartbeat {
@@ -890,6 +897,16 @@ impl Raft {
                 self.read_states.push(ReadState { index, ctx });
             }
             _ => {}
+        }
+    }
+
+    /// A replica that joins an existing group starts with an empty log and knows nothing
+    /// of the founding members; the leader's first append from index 1 tells it, so the
+    /// ConfChange entries that follow apply to the right base.
+    fn adopt_base_conf(&mut self, base: ConfState) {
+        let empty = self.log.last_index() == 0 && self.conf.current_index() == 0;
+        if empty && !base.voters.is_empty() && *self.conf_state() != base {
+            self.conf.reset(base);
         }
     }
 
@@ -1229,12 +1246,11 @@ impl Raft {
                 }
             }
             ProgressState::Replicate => {
-                // The follower is alive but behind, and either nothing is in flight or
-                // nothing was acknowledged since the previous heartbeat answer: appends were
-                // probably lost. Free a slot and send an append from `next`; if the
+                // The follower answered a heartbeat sent after our oldest unacknowledged
+                // append; on an ordered link that append's answer would have come first, so
+                // it was probably lost. Free a slot and send an append from `next`: if the
                 // follower misses entries it rejects it and we fall back to probing.
-                let stalled = pr.inflights.is_empty() || pr.matched == pr.matched_at_last_hb;
-                pr.matched_at_last_hb = pr.matched;
+                let stalled = !matches!(pr.inflights.oldest_tick(), Some(t) if t >= sent_tick);
                 if behind && stalled {
                     if pr.inflights.full() {
                         pr.inflights.free_first();
