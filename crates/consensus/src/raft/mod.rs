@@ -1167,11 +1167,14 @@ impl Raft {
         }
         self.progress.get_mut(&from).expect("present").recent_active = true;
         if reject {
-            let stale = match state {
-                ProgressState::Probe => index + 1 != next,
-                ProgressState::Replicate => index <= matched,
-                ProgressState::Snapshot => true,
-            };
+            // A rejection of something at or below the match point is a stale or
+            // duplicated answer (the follower already acknowledged that prefix).
+            let stale = index <= matched
+                || match state {
+                    ProgressState::Probe => index + 1 != next,
+                    ProgressState::Replicate => false,
+                    ProgressState::Snapshot => true,
+                };
             if stale || index == 0 {
                 return;
             }
@@ -1680,6 +1683,31 @@ impl Raft {
     pub fn log_entries(&self, lo: u64, hi: u64) -> Vec<Entry> {
         self.log
             .slice(lo.max(self.log.first_index()), hi, usize::MAX, usize::MAX)
+    }
+
+    /// A one-line dump of the leader's view of its followers (for test failures).
+    pub fn debug_progress(&self) -> String {
+        let mut out = format!(
+            "role={:?} elapsed={}/{} transferee={} pending_conf={} stable={} ",
+            self.role,
+            self.election_elapsed,
+            self.randomized_timeout,
+            self.lead_transferee,
+            self.pending_conf_index,
+            self.log.stable()
+        );
+        for (id, p) in &self.progress {
+            out.push_str(&format!(
+                "[{id}: {:?} m={} n={} paused={} infl={} active={}] ",
+                p.state,
+                p.matched,
+                p.next,
+                p.paused,
+                p.inflights.is_empty(),
+                p.recent_active
+            ));
+        }
+        out
     }
 
     /// The leader's transfer target, if a transfer is in progress.
