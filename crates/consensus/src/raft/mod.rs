@@ -27,9 +27,9 @@ mod quorum;
 mod read_only;
 
 use crate::{
-    ConfChange, ConfState, Config, ConfigError, DecodeError, Entry, EntryKind, HardState, NodeId,
-    Outgoing, Prng, ProposeError, ReadMode, ReadState, Ready, Recovered, Replica, Role, Snapshot,
-    SnapshotMeta, Status, NO_NODE,
+    ConfChange, ConfChangeItem, ConfState, Config, ConfigError, DecodeError, Entry, EntryKind,
+    HardState, NodeId, Outgoing, Prng, ProposeError, ReadMode, ReadState, Ready, Recovered,
+    Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
 };
 use conf::ConfHistory;
 use log::RaftLog;
@@ -309,9 +309,28 @@ impl Raft {
         // no new change until everything up to here, including the no-op, commits.
         self.pending_conf_index = self.log.last_index();
         self.uncommitted_bytes = 0;
-        // §8 / thesis §6.4: a no-op of our own term lets us commit (and learn) everything
-        // before it and is a prerequisite for serving reads.
-        self.append_entry(EntryKind::Noop, Vec::new());
+        // Thesis §6.4: an entry of our own term lets us commit (and learn) everything before
+        // it and is a prerequisite for serving reads. Normally a no-op; but the very first
+        // entry of a group records the founding configuration (as a ConfChange that changes
+        // nothing for the founders), so a replica that joins later with an empty log and
+        // replays it from index 1 learns whom the later ConfChange entries apply to.
+        if self.log.last_index() == 0 {
+            let founding = self.conf_state();
+            let changes = founding
+                .voters
+                .iter()
+                .map(|&v| ConfChangeItem::AddVoter(v))
+                .chain(
+                    founding
+                        .learners
+                        .iter()
+                        .map(|&l| ConfChangeItem::AddLearner(l)),
+                )
+                .collect();
+            self.append_entry(EntryKind::ConfChange, ConfChange { changes }.encode());
+        } else {
+            self.append_entry(EntryKind::Noop, Vec::new());
+        }
         self.term_start_index = self.log.last_index();
         self.pending_conf_index = self.term_start_index;
         self.replicate_dirty = true;
@@ -502,7 +521,7 @@ impl Raft {
             ProgressState::Replicate => {
                 if let Some(last) = last {
                     pr.next = last + 1;
-                    pr.inflights.add(last);
+                    pr.inflights.add(last, self.ticks);
                 }
             }
             ProgressState::Probe => pr.paused = true,
@@ -574,7 +593,13 @@ impl Raft {
                 .progress
                 .get(&to)
                 .is_some_and(|p| p.state == ProgressState::Replicate);
-            if commit_dirty && !sent && replicate {
+            let idle = self
+                .progress
+                .get(&to)
+                .is_some_and(|p| p.inflights.is_empty());
+            // Only when nothing is in flight: an empty append racing ahead of in-flight
+            // entries would be rejected and knock the follower back to probing.
+            if commit_dirty && !sent && replicate && idle {
                 // Nothing new to send, but the follower should learn the commit index.
                 self.send_append(to, true);
             }
@@ -1142,11 +1167,14 @@ impl Raft {
         }
         self.progress.get_mut(&from).expect("present").recent_active = true;
         if reject {
-            let stale = match state {
-                ProgressState::Probe => index + 1 != next,
-                ProgressState::Replicate => index <= matched,
-                ProgressState::Snapshot => true,
-            };
+            // A rejection of something at or below the match point is a stale or
+            // duplicated answer (the follower already acknowledged that prefix).
+            let stale = index <= matched
+                || match state {
+                    ProgressState::Probe => index + 1 != next,
+                    ProgressState::Replicate => false,
+                    ProgressState::Snapshot => true,
+                };
             if stale || index == 0 {
                 return;
             }
@@ -1214,23 +1242,32 @@ impl Raft {
             pr.hb_acked_tick = pr.hb_acked_tick.max(sent_tick);
         }
         pr.read_seq_acked = pr.read_seq_acked.max(read_seq);
+        let behind = pr.matched < last;
         match pr.state {
-            ProgressState::Probe => pr.paused = false,
-            ProgressState::Replicate => {
-                // The follower is alive; if our window is full its acks were probably
-                // lost, so free a slot to get the pipeline moving again.
-                if pr.inflights.full() {
-                    pr.inflights.free_first();
+            ProgressState::Probe => {
+                pr.paused = false;
+                if behind {
+                    self.send_append(from, true);
                 }
+            }
+            ProgressState::Replicate => {
+                // The follower answered a heartbeat sent after our oldest unacknowledged
+                // append; on an ordered link that append's answer would have come first, so
+                // it was probably lost. Free a slot and send an append from `next`: if the
+                // follower misses entries it rejects it and we fall back to probing.
+                let stalled = !matches!(pr.inflights.oldest_tick(), Some(t) if t >= sent_tick);
+                if behind && stalled {
+                    if pr.inflights.full() {
+                        pr.inflights.free_first();
+                    }
+                    self.send_append(from, true);
+                }
+                self.replicate_dirty = true;
             }
             ProgressState::Snapshot => {
                 // Retransmit the chunk the follower is waiting for.
                 self.send_snapshot_chunk(from);
             }
-        }
-        let pr = self.progress.get(&from).expect("present");
-        if pr.matched < last && pr.state != ProgressState::Snapshot {
-            self.send_append(from, true);
         }
         self.resolve_reads();
     }
@@ -1362,7 +1399,9 @@ impl Replica for Raft {
             heartbeat_elapsed: 0,
             randomized_timeout: config.election_ticks,
             // A brand-new replica never acknowledged any leader, so it owes nobody.
-            lease_guard: config.check_quorum && hs.term > 0,
+            // Only leases depend on that promise, so the guard is only needed with lease
+            // reads.
+            lease_guard: config.check_quorum && config.read_mode == ReadMode::Lease && hs.term > 0,
             ticks: 1,
             votes: BTreeMap::new(),
             conf: ConfHistory::new(base_conf),
@@ -1500,10 +1539,16 @@ impl Replica for Raft {
         }
         self.lead_transferee = to;
         self.transfer_elapsed = 0;
-        let caught_up = self.progress[&to].matched == self.log.last_index();
-        if caught_up {
+        let pr = self.progress.get_mut(&to).expect("checked above");
+        if pr.matched == self.log.last_index() {
             self.send(to, Body::TimeoutNow);
         } else {
+            // Catch the target up now rather than at the next heartbeat answer: probe
+            // from its match point (appends in flight may have been lost).
+            if pr.state != ProgressState::Snapshot {
+                let next = pr.matched + 1;
+                pr.become_probe(next);
+            }
             self.replicate_dirty = true;
         }
     }
@@ -1638,6 +1683,31 @@ impl Raft {
     pub fn log_entries(&self, lo: u64, hi: u64) -> Vec<Entry> {
         self.log
             .slice(lo.max(self.log.first_index()), hi, usize::MAX, usize::MAX)
+    }
+
+    /// A one-line dump of the leader's view of its followers (for test failures).
+    pub fn debug_progress(&self) -> String {
+        let mut out = format!(
+            "role={:?} elapsed={}/{} transferee={} pending_conf={} stable={} ",
+            self.role,
+            self.election_elapsed,
+            self.randomized_timeout,
+            self.lead_transferee,
+            self.pending_conf_index,
+            self.log.stable()
+        );
+        for (id, p) in &self.progress {
+            out.push_str(&format!(
+                "[{id}: {:?} m={} n={} paused={} infl={} active={}] ",
+                p.state,
+                p.matched,
+                p.next,
+                p.paused,
+                p.inflights.is_empty(),
+                p.recent_active
+            ));
+        }
+        out
     }
 
     /// The leader's transfer target, if a transfer is in progress.
