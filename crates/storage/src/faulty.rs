@@ -96,6 +96,13 @@ impl FaultyStore {
         self.crashed = true;
     }
 
+    /// The disk dies after `ops` more mutating operations (writes, fsyncs, renames,
+    /// removals): every later one fails with an I/O error, so a multi-step operation such
+    /// as `install_snapshot` stops half-way. The caller then crashes and recovers.
+    pub fn fail_disk_after(&mut self, ops: u64) {
+        self.wal.disk_mut().fail_after(ops);
+    }
+
     /// A crash whose torn tail length is derived from `seed` (anywhere from nothing to all
     /// of the unsynced bytes).
     pub fn crash_torn(&mut self, seed: u64) {
