@@ -8,6 +8,7 @@
 //! For each record size (128 B, 1 KiB, 16 KiB) and batch size (1, 8, 64, 256, 1024):
 //! - raw: `write` of one buffer of size x batch bytes, then `fdatasync`;
 //! - wal: `append` of `batch` entries of `size` bytes of data, then `sync`;
+//!
 //! alternating (raw, wal, wal, raw, ...) in one loop so both meet the same disk weather.
 //! Throughput is bytes over the time spent in that side's operations.
 //!
