@@ -28,3 +28,32 @@ pub trait EngineModel: Replica + Sized {
         new: Option<&HardState>,
     ) -> Result<(), String>;
 }
+
+impl EngineModel for concord_consensus::raft::Raft {
+    const NAME: &'static str = "raft";
+
+    fn log_matching() -> bool {
+        true
+    }
+
+    fn leader_completeness() -> bool {
+        true
+    }
+
+    fn check_persist(
+        prev: &HardState,
+        entries: &[Entry],
+        new: Option<&HardState>,
+    ) -> Result<(), String> {
+        // A node only learns entries of terms it has seen, so no persisted entry may carry a
+        // term above the node's current term once this batch is durable.
+        let term = new.map_or(prev.term, |h| h.term);
+        match entries.iter().find(|e| e.term > term) {
+            Some(e) => Err(format!(
+                "persisted entry {}@{} from a term above the node's term {term}",
+                e.index, e.term
+            )),
+            None => Ok(()),
+        }
+    }
+}

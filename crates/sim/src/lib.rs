@@ -22,27 +22,31 @@ use runner::{Summary, SweepOptions};
 use sim::SeedReport;
 
 /// The store every simulated node persists to.
-pub type NodeStore = store::StandInStore;
+pub type NodeStore = concord_storage::faulty::FaultyStore;
 
 /// The engines this build can simulate.
 pub const ENGINES: &[&str] = &["raft", "paxos"];
 
 /// `R::known_bugs()` of the named engine.
 pub fn known_bugs(engine: &str) -> Result<&'static [&'static str], String> {
+    use concord_consensus::Replica;
     match engine {
-        "raft" | "paxos" => Err(format!("engine {engine} not available in this build")),
+        "raft" => Ok(concord_consensus::raft::Raft::known_bugs()),
+        "paxos" => Err(PAXOS_MISSING.into()),
         other => Err(unknown_engine(other)),
     }
 }
 
 /// Runs a sweep on the named engine; one match arm per engine.
 pub fn sweep(o: &SweepOptions, on_seed: impl FnMut(&SeedReport)) -> Result<Summary, String> {
-    let _ = on_seed;
     match o.engine.as_str() {
-        "raft" | "paxos" => Err(format!("engine {} not available", o.engine)),
+        "raft" => runner::sweep::<concord_consensus::raft::Raft, NodeStore>(o, on_seed),
+        "paxos" => Err(PAXOS_MISSING.into()),
         other => Err(unknown_engine(other)),
     }
 }
+
+const PAXOS_MISSING: &str = "engine paxos not available: this build has no Multi-Paxos replica yet";
 
 fn unknown_engine(name: &str) -> String {
     format!("unknown engine {name:?}; known: {}", ENGINES.join(", "))

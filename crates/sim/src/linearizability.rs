@@ -19,6 +19,46 @@
 //! the verdict [`Verdict::Inconclusive`], which callers count separately from violations.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A fast non-cryptographic hasher for the memo table (keys are bitsets we built
+/// ourselves, so hash flooding is not a concern; SipHash dominated the profile).
+#[derive(Clone, Copy, Default)]
+pub struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+        for &b in chunks.remainder() {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517C_C1B7_2722_0A95);
+    }
+    fn write_u8(&mut self, x: u8) {
+        self.write_u64(x as u64);
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(x as u64);
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+    fn finish(&self) -> u64 {
+        // One extra mixing round so low bits (used for bucket choice) depend on all input.
+        let z = self.0;
+        let z = (z ^ (z >> 33)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        z ^ (z >> 33)
+    }
+}
+
+pub type FastBuild = BuildHasherDefault<FastHasher>;
 
 /// Value `0` means "absent": puts and CAS always write non-zero values.
 pub type Value = u64;
@@ -162,11 +202,12 @@ fn check_key(ops: &[&Operation], step_limit: u64) -> KeyVerdict {
     let words = n.div_ceil(64).max(1);
 
     // Depth-first search over (linearized set, state); `seen` memoises configurations.
-    let mut seen: HashSet<(Vec<u64>, Value)> = HashSet::new();
+    let mut seen: HashSet<(Vec<u64>, Value), FastBuild> = HashSet::default();
     let mut stack: Vec<(Vec<u64>, Value, usize, usize)> = vec![(vec![0; words], 0, 0, 0)];
     seen.insert((vec![0; words], 0));
     let mut steps = 0u64;
     let mut deepest = 0usize;
+    let mut candidates: Vec<usize> = Vec::new();
     let is_set = |bits: &[u64], i: usize| bits[i / 64] & (1 << (i % 64)) != 0;
     while let Some((bits, state, done, depth)) = stack.pop() {
         steps += 1;
@@ -184,13 +225,20 @@ fn check_key(ops: &[&Operation], step_limit: u64) -> KeyVerdict {
             .map(|i| ret[i])
             .min()
             .unwrap_or(u64::MAX);
+        candidates.clear();
         for i in 0..n {
             if ops[i].invoke >= min_ret {
                 break; // sorted by invoke: nothing later qualifies either
             }
-            if is_set(&bits, i) {
-                continue;
+            if !is_set(&bits, i) {
+                candidates.push(i);
             }
+        }
+        // The stack pops the last push first: push indeterminate operations first and
+        // the earliest-returning operation last, so the search first tries the order
+        // most likely to succeed (real time order, lost writes late).
+        candidates.sort_by_key(|&i| std::cmp::Reverse(ret[i]));
+        for &i in &candidates {
             if let Some(next) = step(state, ops[i].op, ops[i].ret.map(|(_, o)| o)) {
                 let mut nb = bits.clone();
                 nb[i / 64] |= 1 << (i % 64);

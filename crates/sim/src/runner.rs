@@ -3,7 +3,10 @@
 use crate::engine::EngineModel;
 use crate::sim::{run_seed, DiskFaults, RunOptions, SeedReport};
 use crate::store::SimStore;
+use std::cell::RefCell;
 use std::fmt::Write as _;
+use std::panic::AssertUnwindSafe;
+use std::sync::Once;
 
 /// Upper bound on `--seeds`, so a typo cannot start a run of days.
 pub const MAX_SEEDS: u64 = 10_000_000;
@@ -247,16 +250,74 @@ pub fn sweep<R: EngineModel, S: SimStore>(
         ..Summary::default()
     };
     for seed in o.start_seed..o.start_seed + o.seeds {
-        let report = run_seed::<R, S>(RunOptions {
+        let opts = RunOptions {
             seed,
             inject_bug: o.inject_bug.clone(),
             disk_faults: o.disk_faults,
             verbose: o.verbose,
-        });
+        };
+        let report = run_seed_catching::<R, S>(opts);
         on_seed(&report);
         summary.add(report);
     }
     Ok(summary)
+}
+
+thread_local! {
+    /// Set while this thread runs a seed: panics are recorded here instead of printed.
+    static CAPTURE: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that records panics of threads running a seed and passes
+/// every other panic to the previous hook.
+fn install_panic_capture() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let captured = CAPTURE.with(|c| {
+                let mut c = c.borrow_mut();
+                match c.as_mut() {
+                    Some(slot) => {
+                        let msg = info
+                            .payload()
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "(non-string payload)".into());
+                        let at = info
+                            .location()
+                            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                            .unwrap_or_default();
+                        *slot = format!("{msg}{at}");
+                        true
+                    }
+                    None => false,
+                }
+            });
+            if !captured {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs one seed; a panic anywhere in it (a replica's assertion, or the simulator's) is
+/// that seed's violation, so a sweep reports it with its replay command and goes on.
+pub fn run_seed_catching<R: EngineModel, S: SimStore>(opts: RunOptions) -> SeedReport {
+    install_panic_capture();
+    let seed = opts.seed;
+    CAPTURE.with(|c| *c.borrow_mut() = Some(String::new()));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_seed::<R, S>(opts)));
+    let msg = CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    match result {
+        Ok(r) => r,
+        Err(_) => SeedReport {
+            seed,
+            violation: Some(format!("panic: {msg}")),
+            ..SeedReport::default()
+        },
+    }
 }
 
 #[cfg(test)]

@@ -493,6 +493,14 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             let end = self.now + LIVENESS_TICKS * UNITS_PER_TICK;
             self.run_until(end);
             if self.report.violation.is_none() && !self.liveness_ok {
+                for i in 0..self.nodes.len() {
+                    let n = &self.nodes[i];
+                    let line = match &n.replica {
+                        Some(r) => format!("node {} status {:?}", n.id, r.status()),
+                        None => format!("node {} down (wiped: {})", n.id, n.wiped),
+                    };
+                    self.trace(|| line);
+                }
                 self.fail(format!(
                     "liveness: no client write completed within {LIVENESS_TICKS} ticks after \
                      healing every fault"
@@ -707,7 +715,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         node.replica = None;
         node.crash_in_persist = false;
         node.reads.clear();
-        node.store.crash();
+        node.store.crash(&mut self.rng);
         self.report.crashes += 1;
         self.trace(|| format!("crash node {id}"));
     }
