@@ -226,8 +226,8 @@ fn check_key(ops: &[&Operation], step_limit: u64) -> KeyVerdict {
             .min()
             .unwrap_or(u64::MAX);
         candidates.clear();
-        for i in 0..n {
-            if ops[i].invoke >= min_ret {
+        for (i, o) in ops.iter().enumerate() {
+            if o.invoke >= min_ret {
                 break; // sorted by invoke: nothing later qualifies either
             }
             if !is_set(&bits, i) {
