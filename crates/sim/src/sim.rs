@@ -225,34 +225,58 @@ fn chain(prev: u64, index: u64, term: u64, digest: u64) -> u64 {
     mix(prev ^ mix(index.wrapping_mul(31) ^ mix(term ^ mix(digest))))
 }
 
+/// Membership after applying `cc` to `conf`, by the contract's rules: a change that alters
+/// more than one voter enters a joint configuration (the old voters stay as outgoing), the
+/// empty change leaves it, and an invalid change (while joint, or leaving no voters)
+/// applies as nothing, as it does in the engines.
 fn apply_conf_change(conf: &mut ConfState, cc: &ConfChange) {
     if cc.changes.is_empty() {
         conf.voters_outgoing.clear();
         return;
     }
-    if cc.changes.len() > 1 && conf.voters_outgoing.is_empty() {
-        conf.voters_outgoing = conf.voters.clone();
+    if conf.is_joint() {
+        return;
     }
+    let mut next = conf.clone();
     for item in &cc.changes {
         match *item {
             ConfChangeItem::AddVoter(x) => {
-                conf.learners.retain(|&l| l != x);
-                conf.voters.push(x);
+                next.learners.retain(|&l| l != x);
+                next.voters.push(x);
             }
             ConfChangeItem::AddLearner(x) => {
-                conf.voters.retain(|&v| v != x);
-                conf.learners.push(x);
+                next.voters.retain(|&v| v != x);
+                next.learners.push(x);
             }
             ConfChangeItem::Remove(x) => {
-                conf.voters.retain(|&v| v != x);
-                conf.learners.retain(|&l| l != x);
+                next.voters.retain(|&v| v != x);
+                next.learners.retain(|&l| l != x);
             }
         }
     }
-    conf.voters.sort_unstable();
-    conf.voters.dedup();
-    conf.learners.sort_unstable();
-    conf.learners.dedup();
+    next.voters.sort_unstable();
+    next.voters.dedup();
+    next.learners.sort_unstable();
+    next.learners.dedup();
+    if next.voters.is_empty() {
+        return;
+    }
+    let changed = next
+        .voters
+        .iter()
+        .filter(|v| !conf.voters.contains(v))
+        .count()
+        + conf
+            .voters
+            .iter()
+            .filter(|v| !next.voters.contains(v))
+            .count();
+    next.voters_outgoing = if changed > 1 {
+        conf.voters.clone()
+    } else {
+        Vec::new()
+    };
+    *conf = next;
 }
 
 struct Node<R, S> {
