@@ -457,12 +457,17 @@ impl Paxos {
             ..Leader::default()
         };
         for n in self.targets() {
-            let pc = cand.promiser_commit.get(&n).copied().unwrap_or(0).min(max);
+            // A promiser holds chosen values up to its commit index; others are probed
+            // from our commit index and answer with how far they really are.
+            let (matched, next) = match cand.promiser_commit.get(&n) {
+                Some(&pc) => (pc.min(max), pc.min(max) + 1),
+                None => (0, c + 1),
+            };
             lead.peers.insert(
                 n,
                 Progress {
-                    matched: pc,
-                    next: pc.max(c) + 1,
+                    matched,
+                    next,
                     ..Progress::default()
                 },
             );
@@ -581,7 +586,9 @@ impl Paxos {
         }
         if self.lead.is_some() {
             if !self.is_voter() {
-                // We removed ourselves: step down once the change is chosen.
+                // We removed ourselves: tell the others the change is chosen, then step
+                // down.
+                self.broadcast_heartbeat();
                 self.become_follower(NO_NODE);
                 return;
             }
@@ -972,8 +979,13 @@ impl Paxos {
     }
 
     fn on_accept(&mut self, from: NodeId, b: u64, prev: u64, entries: Vec<Entry>, commit: u64) {
+        // Slots above the leader's commit index carry its ballot; slots at or below it are
+        // chosen and keep the ballot they were accepted in (a new leader does not rewrite
+        // chosen slots, it only resends them to acceptors that lag).
         for (k, e) in entries.iter().enumerate() {
-            if e.index != prev + 1 + k as u64 || e.term != b {
+            let well_formed = e.index == prev + 1 + k as u64
+                && (e.term == b || (e.term < b && e.index <= commit));
+            if !well_formed {
                 return; // Malformed: drop.
             }
         }
@@ -1663,6 +1675,19 @@ impl Replica for Paxos {
 }
 
 impl Paxos {
+    /// Starts phase 1 now, as if the election timer fired after a leadership transfer
+    /// (the lease guard of other acceptors is bypassed). For tests and operator tools.
+    pub fn campaign_now(&mut self) {
+        if self.role != Role::Leader {
+            self.campaign(true);
+        }
+    }
+
+    /// The current promised ballot (for tests and status pages).
+    pub fn promised_ballot(&self) -> u64 {
+        self.promised
+    }
+
     fn append_proposal(&mut self, kind: EntryKind, data: Vec<u8>) -> Result<(), ProposeError> {
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader {

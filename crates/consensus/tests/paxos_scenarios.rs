@@ -1,0 +1,597 @@
+//! Readable Multi-Paxos scenarios, driven from the text scripts in `tests/paxos/*.txt`.
+//!
+//! A tiny in-memory driver runs the `Ready` loop of the crate docs for every node: it
+//! persists (synchronously, so a crash loses nothing that was handed out), sends through a
+//! queue that scripts can cut or drop, applies committed entries to a list-of-strings state
+//! machine and checks after every step that no two nodes ever apply different values at the
+//! same slot. Every message goes through `encode_message`/`decode_message`.
+//!
+//! Script commands (one per line, `#` starts a comment):
+//!
+//! ```text
+//! nodes 1 2 3 [check_quorum] [lease] [batch=N] [inflight=N] [chunk=N] [bug=NAME]
+//! campaign N            node N starts phase 1 now (messages stay queued)
+//! elect N               campaign N, then stabilize
+//! stabilize             deliver messages until none are left
+//! tick N.. [times=K]    tick the listed nodes (or `all`) K times, stabilizing after each
+//! propose N TEXT        must succeed;  propose-err N TEXT  must fail
+//! conf N add-voter|add-learner|remove M
+//! read N CTX            read_index at N
+//! transfer N M          ask leader N to hand over to M
+//! partition 1 2 / 3     cut every link between the groups;  heal  restores all links
+//! isolate N             cut N from everyone
+//! drop A B              drop the queued messages from A to B
+//! crash N / restart N   stop N / recreate it from its store
+//! add N                 create a new, empty node N (it learns membership from the log)
+//! compact N             snapshot N's state machine at its applied index
+//! expect leader N | role N ROLE | applied N.. = V.. | commit N.. = I | ballot N.. = R.NODE
+//! expect reads N = CTX@I.. | voters N.. = V.. | log N = KIND..
+//! ```
+
+use concord_consensus::paxos::{ballot, Message, Paxos};
+use concord_consensus::{
+    ConfChange, ConfChangeItem, ConfState, Config, Entry, EntryKind, HardState, NodeId, ReadMode,
+    ReadState, Recovered, Replica, Role, Snapshot,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Most message deliveries `stabilize` performs before declaring a livelock.
+const MAX_DELIVERIES: usize = 100_000;
+
+#[derive(Default, Clone)]
+struct Store {
+    hs: HardState,
+    snapshot: Option<Snapshot>,
+    entries: Vec<Entry>,
+}
+
+impl Store {
+    fn snap_index(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.meta.index)
+    }
+    fn last(&self) -> u64 {
+        self.snap_index() + self.entries.len() as u64
+    }
+    fn install(&mut self, snap: &Snapshot) {
+        let idx = snap.meta.index;
+        // Keep the log only if it continues from the snapshot with the same ballot,
+        // as the LogStore contract says.
+        let keep = self
+            .entries
+            .iter()
+            .any(|e| e.index == idx && e.term == snap.meta.term);
+        if keep {
+            self.entries.retain(|e| e.index > idx);
+        } else {
+            self.entries.clear();
+        }
+        self.snapshot = Some(snap.clone());
+    }
+    fn append(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first() else { return };
+        assert!(
+            first.index <= self.last() + 1 && first.index > self.snap_index(),
+            "append at {} leaves a gap after {}",
+            first.index,
+            self.last()
+        );
+        let keep = (first.index - self.snap_index() - 1) as usize;
+        self.entries.truncate(keep);
+        for (k, e) in entries.iter().enumerate() {
+            assert_eq!(e.index, first.index + k as u64, "non-contiguous append");
+            self.entries.push(e.clone());
+        }
+    }
+}
+
+struct Node {
+    replica: Paxos,
+    store: Store,
+    /// Applied Normal payloads with their slots.
+    applied: Vec<(u64, String)>,
+    applied_index: u64,
+    reads: Vec<ReadState>,
+}
+
+struct Cluster {
+    template: Config,
+    founders: ConfState,
+    nodes: BTreeMap<NodeId, Node>,
+    stopped: BTreeMap<NodeId, Store>,
+    /// Stopped nodes keep their state machine snapshot in the store; this is what they
+    /// had applied (restored from the snapshot on restart).
+    queue: VecDeque<(NodeId, NodeId, Message)>,
+    cut: BTreeSet<(NodeId, NodeId)>,
+    /// The value applied at each slot by anyone: all nodes must agree.
+    chosen: BTreeMap<u64, (EntryKind, Vec<u8>)>,
+}
+
+fn encode_sm(applied: &[(u64, String)]) -> Vec<u8> {
+    applied
+        .iter()
+        .map(|(i, v)| format!("{i}={v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
+}
+
+fn decode_sm(data: &[u8]) -> Vec<(u64, String)> {
+    let s = String::from_utf8(data.to_vec()).expect("utf8 snapshot");
+    s.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (i, v) = l.split_once('=').expect("slot=value");
+            (i.parse().expect("slot"), v.to_string())
+        })
+        .collect()
+}
+
+impl Cluster {
+    fn new(ids: &[NodeId], template: Config) -> Cluster {
+        let founders = ConfState::new(ids.iter().copied());
+        let mut c = Cluster {
+            template,
+            founders: founders.clone(),
+            nodes: BTreeMap::new(),
+            stopped: BTreeMap::new(),
+            queue: VecDeque::new(),
+            cut: BTreeSet::new(),
+            chosen: BTreeMap::new(),
+        };
+        for &id in ids {
+            c.start(id, Store::default());
+        }
+        c
+    }
+
+    fn config(&self, id: NodeId) -> Config {
+        let mut cfg = self.template.clone();
+        cfg.id = id;
+        cfg.seed = id * 7919;
+        cfg
+    }
+
+    fn start(&mut self, id: NodeId, store: Store) {
+        let applied_index = store.snap_index();
+        let applied = store
+            .snapshot
+            .as_ref()
+            .map(|s| decode_sm(&s.data))
+            .unwrap_or_default();
+        let rec = Recovered {
+            hard_state: store.hs,
+            snapshot: store.snapshot.clone(),
+            entries: store.entries.clone(),
+            applied: applied_index,
+        };
+        let replica =
+            Paxos::create(self.config(id), self.founders.clone(), rec).expect("valid config");
+        self.nodes.insert(
+            id,
+            Node {
+                replica,
+                store,
+                applied,
+                applied_index,
+                reads: Vec::new(),
+            },
+        );
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut Node {
+        self.nodes
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("node {id} is not running"))
+    }
+
+    /// Runs one Ready cycle for `id` if it has one.
+    fn handle_ready(&mut self, id: NodeId) -> bool {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return false;
+        };
+        if !n.replica.has_ready() {
+            return false;
+        }
+        let rd = n.replica.ready();
+        if let Some(s) = &rd.snapshot {
+            n.store.install(s);
+            n.applied = decode_sm(&s.data);
+            n.applied_index = s.meta.index;
+        }
+        n.store.append(&rd.entries);
+        if let Some(hs) = rd.hard_state {
+            n.store.hs = hs;
+        }
+        for m in rd.messages {
+            // Round-trip through the wire format.
+            let bytes = Paxos::encode_message(&m.msg);
+            let msg = Paxos::decode_message(&bytes).expect("decodes");
+            assert_eq!(msg, m.msg);
+            self.queue.push_back((id, m.to, msg));
+        }
+        for e in &rd.committed {
+            assert_eq!(
+                e.index,
+                n.applied_index + 1,
+                "node {id} applies out of order"
+            );
+            assert!(
+                e.index <= n.store.last(),
+                "node {id} applies a non-durable entry"
+            );
+            n.applied_index = e.index;
+            if e.kind == EntryKind::Normal {
+                n.applied
+                    .push((e.index, String::from_utf8_lossy(&e.data).into_owned()));
+            }
+            match self.chosen.get(&e.index) {
+                Some((k, d)) => assert!(
+                    *k == e.kind && *d == e.data,
+                    "SAFETY: node {id} applied {:?} at slot {} but another node applied {:?}",
+                    e,
+                    e.index,
+                    (k, String::from_utf8_lossy(d))
+                ),
+                None => {
+                    self.chosen.insert(e.index, (e.kind, e.data.clone()));
+                }
+            }
+        }
+        n.reads.extend(rd.read_states);
+        n.replica.advance();
+        true
+    }
+
+    fn flush(&mut self) {
+        loop {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            let mut any = false;
+            for id in ids {
+                any |= self.handle_ready(id);
+            }
+            if !any {
+                break;
+            }
+        }
+    }
+
+    fn stabilize(&mut self) {
+        let mut delivered = 0;
+        loop {
+            self.flush();
+            let Some((from, to, msg)) = self.queue.pop_front() else {
+                break;
+            };
+            delivered += 1;
+            assert!(delivered < MAX_DELIVERIES, "no quiescence: livelock?");
+            if self.cut.contains(&(from, to)) {
+                continue;
+            }
+            if std::env::var("PAXOS_TRACE").is_ok() {
+                eprintln!("{from}->{to} {msg:?}");
+            }
+            if let Some(n) = self.nodes.get_mut(&to) {
+                n.replica.step(from, msg);
+            }
+        }
+    }
+
+    fn all_ids(&self) -> BTreeSet<NodeId> {
+        self.nodes
+            .keys()
+            .chain(self.stopped.keys())
+            .copied()
+            .collect()
+    }
+}
+
+fn ids(args: &[&str]) -> Vec<NodeId> {
+    args.iter()
+        .map(|a| a.parse().unwrap_or_else(|_| panic!("bad node id {a:?}")))
+        .collect()
+}
+
+fn fmt_ballot(b: u64) -> String {
+    format!("{}.{}", ballot::round(b), ballot::owner(b))
+}
+
+fn run_script(name: &str, text: &str) {
+    let mut c: Option<Cluster> = None;
+    for (lineno, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = format!("{name}:{}: `{line}`", lineno + 1);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (cmd, args) = (words[0], &words[1..]);
+        if cmd == "nodes" {
+            let mut cfg = Config::new(1);
+            cfg.check_quorum = false;
+            cfg.election_ticks = 10;
+            let mut members = Vec::new();
+            for a in args {
+                match a.split_once('=') {
+                    Some(("batch", v)) => cfg.max_batch_entries = v.parse().expect("batch"),
+                    Some(("inflight", v)) => cfg.max_inflight_msgs = v.parse().expect("inflight"),
+                    Some(("chunk", v)) => cfg.snapshot_chunk_bytes = v.parse().expect("chunk"),
+                    Some(("bug", v)) => cfg.inject_bug = Some(v.to_string()),
+                    Some(_) => panic!("{at}: unknown option"),
+                    None if *a == "check_quorum" => cfg.check_quorum = true,
+                    None if *a == "lease" => {
+                        cfg.check_quorum = true;
+                        cfg.read_mode = ReadMode::Lease;
+                    }
+                    None => members.push(a.parse().expect("node id")),
+                }
+            }
+            c = Some(Cluster::new(&members, cfg));
+            continue;
+        }
+        let c = c
+            .as_mut()
+            .unwrap_or_else(|| panic!("{at}: `nodes` must come first"));
+        match cmd {
+            "campaign" | "elect" => {
+                c.node(ids(args)[0]).replica.campaign_now();
+                if cmd == "elect" {
+                    c.stabilize();
+                } else {
+                    c.flush();
+                }
+            }
+            "stabilize" => c.stabilize(),
+            "tick" => {
+                let mut times = 1;
+                let mut who = Vec::new();
+                for a in args {
+                    if let Some(t) = a.strip_prefix("times=") {
+                        times = t.parse().expect("times");
+                    } else if *a == "all" {
+                        who = c.nodes.keys().copied().collect();
+                    } else {
+                        who.push(a.parse().expect("node id"));
+                    }
+                }
+                for _ in 0..times {
+                    for &id in &who {
+                        if let Some(n) = c.nodes.get_mut(&id) {
+                            n.replica.tick();
+                        }
+                    }
+                    c.stabilize();
+                }
+            }
+            "propose" | "propose-err" => {
+                let id = ids(&args[..1])[0];
+                let r = c.node(id).replica.propose(args[1].as_bytes().to_vec());
+                if cmd == "propose" {
+                    r.unwrap_or_else(|e| panic!("{at}: {e}"));
+                } else {
+                    assert!(r.is_err(), "{at}: proposal unexpectedly accepted");
+                }
+                c.flush();
+            }
+            "conf" => {
+                let id = ids(&args[..1])[0];
+                let target = ids(&args[2..3])[0];
+                let item = match args[1] {
+                    "add-voter" => ConfChangeItem::AddVoter(target),
+                    "add-learner" => ConfChangeItem::AddLearner(target),
+                    "remove" => ConfChangeItem::Remove(target),
+                    other => panic!("{at}: unknown change {other}"),
+                };
+                c.node(id)
+                    .replica
+                    .propose_conf_change(ConfChange {
+                        changes: vec![item],
+                    })
+                    .unwrap_or_else(|e| panic!("{at}: {e}"));
+                c.flush();
+            }
+            "read" => {
+                let id = ids(&args[..1])[0];
+                c.node(id)
+                    .replica
+                    .read_index(args[1].as_bytes().to_vec())
+                    .unwrap_or_else(|e| panic!("{at}: {e}"));
+                c.flush();
+            }
+            "transfer" => {
+                let v = ids(args);
+                c.node(v[0]).replica.transfer_leader(v[1]);
+                c.flush();
+            }
+            "partition" => {
+                let mut groups: Vec<Vec<NodeId>> = vec![Vec::new()];
+                for a in args {
+                    if *a == "/" {
+                        groups.push(Vec::new());
+                    } else {
+                        groups
+                            .last_mut()
+                            .expect("group")
+                            .push(a.parse().expect("id"));
+                    }
+                }
+                for (gi, g) in groups.iter().enumerate() {
+                    for (hi, h) in groups.iter().enumerate() {
+                        if gi != hi {
+                            for &a in g {
+                                for &b in h {
+                                    c.cut.insert((a, b));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            "isolate" => {
+                let id = ids(args)[0];
+                for other in c.all_ids() {
+                    if other != id {
+                        c.cut.insert((id, other));
+                        c.cut.insert((other, id));
+                    }
+                }
+            }
+            "heal" => c.cut.clear(),
+            "drop" => {
+                let v = ids(args);
+                c.queue.retain(|(f, t, _)| !(*f == v[0] && *t == v[1]));
+            }
+            "crash" => {
+                let id = ids(args)[0];
+                let n = c.nodes.remove(&id).expect("running");
+                c.stopped.insert(id, n.store);
+                c.queue.retain(|(_, t, _)| *t != id);
+            }
+            "restart" => {
+                let id = ids(args)[0];
+                let store = c.stopped.remove(&id).expect("stopped");
+                c.start(id, store);
+            }
+            "add" => {
+                let id = ids(args)[0];
+                c.start(id, Store::default());
+            }
+            "compact" => {
+                let id = ids(args)[0];
+                let n = c.node(id);
+                let data = encode_sm(&n.applied);
+                let idx = n.applied_index;
+                n.replica.compact(idx, data.clone());
+                // The driver stores the snapshot and compacts its log, too.
+                let term = n
+                    .store
+                    .entries
+                    .iter()
+                    .find(|e| e.index == idx)
+                    .map_or(0, |e| e.term);
+                let conf = n.replica.status().conf;
+                let snap = Snapshot {
+                    meta: concord_consensus::SnapshotMeta {
+                        index: idx,
+                        term,
+                        conf,
+                    },
+                    data,
+                };
+                n.store.install(&snap);
+                assert_eq!(n.replica.status().first_index, idx + 1, "{at}");
+            }
+            "expect" => expect(c, &at, args),
+            "dump" => {
+                for n in c.nodes.values() {
+                    eprintln!("{:?} {:?}", n.replica, n.replica.status());
+                }
+            }
+            other => panic!("{at}: unknown command {other}"),
+        }
+    }
+}
+
+fn expect(c: &mut Cluster, at: &str, args: &[&str]) {
+    let eq = args.iter().position(|a| *a == "=");
+    let (lhs, rhs) = match eq {
+        Some(p) => (&args[..p], &args[p + 1..]),
+        None => (args, &[][..]),
+    };
+    match lhs[0] {
+        "leader" => {
+            let id = ids(&lhs[1..2])[0];
+            let st = c.node(id).replica.status();
+            assert_eq!(st.role, Role::Leader, "{at}: node {id} is {:?}", st.role);
+            for (&other, n) in &c.nodes {
+                if other != id {
+                    assert_ne!(
+                        n.replica.status().role,
+                        Role::Leader,
+                        "{at}: {other} leads too"
+                    );
+                }
+            }
+        }
+        "role" => {
+            let id = ids(&lhs[1..2])[0];
+            let role = format!("{:?}", c.node(id).replica.status().role);
+            assert_eq!(role, lhs[2], "{at}");
+        }
+        "applied" => {
+            for id in ids(&lhs[1..]) {
+                let got: Vec<&str> = c.node(id).applied.iter().map(|(_, v)| v.as_str()).collect();
+                assert_eq!(got, rhs, "{at}: node {id}");
+            }
+        }
+        "commit" => {
+            for id in ids(&lhs[1..]) {
+                let got = c.node(id).replica.status().commit.to_string();
+                assert_eq!(got, rhs[0], "{at}: node {id}");
+            }
+        }
+        "ballot" => {
+            for id in ids(&lhs[1..]) {
+                let got = fmt_ballot(c.node(id).replica.status().term);
+                assert_eq!(got, rhs[0], "{at}: node {id}");
+            }
+        }
+        "reads" => {
+            let id = ids(&lhs[1..2])[0];
+            let got: Vec<String> = c
+                .node(id)
+                .reads
+                .iter()
+                .map(|r| format!("{}@{}", String::from_utf8_lossy(&r.ctx), r.index))
+                .collect();
+            assert_eq!(got, rhs, "{at}");
+        }
+        "voters" => {
+            for id in ids(&lhs[1..]) {
+                let got: Vec<String> = c
+                    .node(id)
+                    .replica
+                    .status()
+                    .conf
+                    .voters
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect();
+                assert_eq!(got, rhs, "{at}: node {id}");
+            }
+        }
+        "log" => {
+            let id = ids(&lhs[1..2])[0];
+            let got: Vec<String> = c
+                .node(id)
+                .store
+                .entries
+                .iter()
+                .map(|e| match e.kind {
+                    EntryKind::Normal => String::from_utf8_lossy(&e.data).into_owned(),
+                    EntryKind::Noop => "noop".into(),
+                    EntryKind::ConfChange => "conf".into(),
+                })
+                .collect();
+            assert_eq!(got, rhs, "{at}");
+        }
+        other => panic!("{at}: unknown expectation {other}"),
+    }
+}
+
+#[test]
+fn scripts() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/paxos");
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .expect("tests/paxos exists")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no scripts in {dir}");
+    for p in names {
+        let text = std::fs::read_to_string(&p).expect("readable script");
+        let name = p.file_name().expect("name").to_string_lossy().into_owned();
+        run_script(&name, &text);
+        eprintln!("ok {name}");
+    }
+}
