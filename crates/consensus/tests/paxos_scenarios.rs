@@ -263,6 +263,9 @@ impl Cluster {
                 break;
             };
             delivered += 1;
+            if delivered > MAX_DELIVERIES - 30 {
+                eprintln!("{from}->{to} {msg:?}");
+            }
             assert!(delivered < MAX_DELIVERIES, "no quiescence: livelock?");
             if self.cut.contains(&(from, to)) {
                 continue;
@@ -594,4 +597,287 @@ fn scripts() {
         run_script(&name, &text);
         eprintln!("ok {name}");
     }
+}
+
+// ----- randomized runs ----------------------------------------------------------------
+
+/// Why a randomized run failed.
+#[derive(Debug)]
+enum Failure {
+    /// Two nodes applied different values at one slot (or another safety assertion).
+    Safety(String),
+    /// A read was answered at an index below a slot already committed when it was asked.
+    StaleRead { asked_after: u64, index: u64 },
+    /// After healing, the cluster did not commit a new proposal everywhere.
+    NoProgress(String),
+}
+
+/// Steps of one randomized run before the healing phase.
+const CHAOS_STEPS: usize = 1500;
+/// Ticks allowed for the cluster to recover after healing.
+const RECOVERY_TICKS: usize = 400;
+
+/// One seeded run: random delivery order, loss, duplication, partitions, crashes, restarts,
+/// compactions, proposals and reads; then a healing phase in which progress must resume.
+fn chaos_run(seed: u64, bug: Option<&str>) -> Result<(), Failure> {
+    use concord_consensus::Prng;
+    let mut rng = Prng::new(seed);
+    let n = if rng.range(0, 2) == 0 { 3 } else { 5 };
+    let ids: Vec<NodeId> = (1..=n).collect();
+    let mut cfg = Config::new(1);
+    cfg.election_ticks = 10;
+    cfg.check_quorum = rng.range(0, 2) == 0;
+    if cfg.check_quorum && rng.range(0, 2) == 0 {
+        cfg.read_mode = ReadMode::Lease;
+    }
+    cfg.max_batch_entries = rng.range(1, 4) as usize;
+    cfg.max_inflight_msgs = rng.range(1, 4) as usize;
+    cfg.snapshot_chunk_bytes = rng.range(3, 20) as usize;
+    cfg.inject_bug = bug.map(str::to_string);
+    let mut c = Cluster::new(&ids, cfg);
+    let mut queue: Vec<(NodeId, NodeId, Message)> = Vec::new();
+    let mut next_value = 0u64;
+    // ctx -> highest commit index anywhere when the read was asked.
+    let mut reads_asked: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    let mut failure: Option<Failure> = None;
+
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let check_reads = |c: &mut Cluster, asked: &BTreeMap<Vec<u8>, u64>| {
+            for node in c.nodes.values_mut() {
+                for r in node.reads.drain(..) {
+                    if let Some(&min) = asked.get(&r.ctx) {
+                        if r.index < min {
+                            return Err(Failure::StaleRead {
+                                asked_after: min,
+                                index: r.index,
+                            });
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        for _ in 0..CHAOS_STEPS {
+            c.flush();
+            queue.extend(c.queue.drain(..));
+            check_reads(&mut c, &reads_asked)?;
+            let roll = rng.range(0, 100);
+            let running: Vec<NodeId> = c.nodes.keys().copied().collect();
+            match roll {
+                0..=44 if !queue.is_empty() => {
+                    let k = rng.range(0, queue.len() as u64) as usize;
+                    let (from, to, msg) = queue.swap_remove(k);
+                    let fate = rng.range(0, 100);
+                    if fate < 8 || c.cut.contains(&(from, to)) {
+                        continue; // lost
+                    }
+                    if fate < 12 {
+                        queue.push((from, to, msg.clone())); // duplicated
+                    }
+                    if let Some(node) = c.nodes.get_mut(&to) {
+                        node.replica.step(from, msg);
+                    }
+                }
+                0..=69 => {
+                    for id in running {
+                        c.node(id).replica.tick();
+                    }
+                }
+                70..=81 => {
+                    if let Some(&id) = running.get(rng.range(0, running.len() as u64) as usize)
+                    {
+                        next_value += 1;
+                        let v = format!("v{next_value}");
+                        let _ = c.node(id).replica.propose(v.into_bytes());
+                    }
+                }
+                82..=85 => {
+                    if let Some(&id) = running.get(rng.range(0, running.len() as u64) as usize)
+                    {
+                        let ctx = format!("r{next_value}-{}", rng.next_u64()).into_bytes();
+                        let max_commit = c
+                            .nodes
+                            .values()
+                            .map(|n| n.replica.status().commit)
+                            .max()
+                            .unwrap_or(0);
+                        if c.node(id).replica.read_index(ctx.clone()).is_ok() {
+                            reads_asked.insert(ctx, max_commit);
+                        }
+                    }
+                }
+                86..=87 => {
+                    // Crash (keep a majority of the nodes able to run most of the time).
+                    if running.len() > 1 {
+                        let id = running[rng.range(0, running.len() as u64) as usize];
+                        let node = c.nodes.remove(&id).expect("running");
+                        c.stopped.insert(id, node.store);
+                        queue.retain(|(_, t, _)| *t != id);
+                    }
+                }
+                88..=90 => {
+                    if let Some(&id) = c.stopped.keys().next() {
+                        let store = c.stopped.remove(&id).expect("stopped");
+                        c.start(id, store);
+                    }
+                }
+                91..=93 => {
+                    c.cut.clear();
+                    let mut minority = Vec::new();
+                    for &id in &ids {
+                        if rng.range(0, 3) == 0 {
+                            minority.push(id);
+                        }
+                    }
+                    for &a in &minority {
+                        for &b in &ids {
+                            if !minority.contains(&b) {
+                                c.cut.insert((a, b));
+                                c.cut.insert((b, a));
+                            }
+                        }
+                    }
+                }
+                94..=96 => c.cut.clear(),
+                _ => {
+                    if let Some(&id) = running.get(rng.range(0, running.len() as u64) as usize)
+                    {
+                        let node = c.node(id);
+                        let idx = node.applied_index;
+                        if idx > node.store.snap_index() {
+                            let data = encode_sm(&node.applied);
+                            node.replica.compact(idx, data.clone());
+                            let term = node
+                                .store
+                                .entries
+                                .iter()
+                                .find(|e| e.index == idx)
+                                .map_or(0, |e| e.term);
+                            let conf = node.replica.status().conf;
+                            node.store.install(&Snapshot {
+                                meta: concord_consensus::SnapshotMeta {
+                                    index: idx,
+                                    term,
+                                    conf,
+                                },
+                                data,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        // Healing: every node runs, no faults; a fresh value must reach everyone.
+        c.cut.clear();
+        let stopped: Vec<NodeId> = c.stopped.keys().copied().collect();
+        for id in stopped {
+            let store = c.stopped.remove(&id).expect("stopped");
+            c.start(id, store);
+        }
+        for (from, to, msg) in queue.drain(..) {
+            c.queue.push_back((from, to, msg));
+        }
+        let mut proposed = false;
+        for t in 0..RECOVERY_TICKS {
+            // A proposal is lost if its leader is deposed: propose again now and then.
+            if t % 50 == 49 {
+                proposed = false;
+            }
+            for id in c.nodes.keys().copied().collect::<Vec<_>>() {
+                c.node(id).replica.tick();
+            }
+            c.stabilize();
+            check_reads(&mut c, &reads_asked)?;
+            let leader = c
+                .nodes
+                .iter()
+                .find(|(_, n)| n.replica.status().role == Role::Leader)
+                .map(|(&id, _)| id);
+            if let Some(l) = leader {
+                if !proposed {
+                    match c.node(l).replica.propose(b"final".to_vec()) {
+                        Ok(()) => proposed = true,
+                        Err(e) if std::env::var("PAXOS_TRACE").is_ok() => {
+                            eprintln!("final at {l}: {e}")
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            let done = proposed
+                && c.nodes
+                    .values()
+                    .all(|n| n.applied.iter().any(|(_, v)| v == "final"));
+            if done {
+                return Ok(());
+            }
+        }
+        let st: Vec<String> = c
+            .nodes
+            .values()
+            .map(|n| format!("{:?}", n.replica.status()))
+            .collect();
+        Err(Failure::NoProgress(st.join("\n")))
+    }));
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(f)) => failure = Some(f),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failure = Some(Failure::Safety(msg));
+        }
+    }
+    match failure {
+        None => Ok(()),
+        Some(f) => Err(f),
+    }
+}
+
+/// Seeds per randomized test; `PAXOS_SEEDS` overrides (e.g. 2000 for a longer soak).
+fn seeds() -> u64 {
+    std::env::var("PAXOS_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60)
+}
+
+#[test]
+fn randomized_runs_are_safe_and_recover() {
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut failures = Vec::new();
+    let only: Option<u64> = std::env::var("PAXOS_SEED").ok().and_then(|s| s.parse().ok());
+    for seed in (0..seeds()).filter(|s| only.is_none_or(|o| o == *s)) {
+        if let Err(f) = chaos_run(seed, None) {
+            failures.push(format!("seed {seed}: {f:?}"));
+        }
+    }
+    let _ = std::panic::take_hook();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn planted_bugs_are_caught() {
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut report = Vec::new();
+    for bug in <Paxos as Replica>::known_bugs() {
+        let caught = (0..seeds() * 5).find_map(|seed| {
+            chaos_run(seed, Some(bug))
+                .err()
+                .filter(|f| !matches!(f, Failure::NoProgress(_)))
+                .map(|f| (seed, f))
+        });
+        report.push((bug, caught));
+    }
+    let _ = std::panic::take_hook();
+    for (bug, caught) in &report {
+        eprintln!("{bug}: {caught:?}");
+    }
+    assert!(
+        report.iter().all(|(_, c)| c.is_some()),
+        "some planted bug went unnoticed: {report:?}"
+    );
 }

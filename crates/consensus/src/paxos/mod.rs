@@ -832,6 +832,10 @@ impl Paxos {
         if self.bmatch_ballot != b {
             self.bmatch_ballot = b;
             self.bmatch = self.commit;
+            // After a restart we may already hold slots from this ballot's leader.
+            while self.log.get(self.bmatch + 1).is_some_and(|e| e.term == b) {
+                self.bmatch += 1;
+            }
         }
         self.bmatch = self.bmatch.max(self.commit);
     }
@@ -1052,14 +1056,19 @@ impl Paxos {
             };
             let matched = matched.min(last);
             if reject {
-                // The peer has a hole: resend from where its ballot-contiguous run ends.
-                p.matched = p.matched.max(matched);
-                p.next = p.matched + 1;
+                // The peer has a hole (or restarted and lost track): resend from where its
+                // run of slots accepted in our ballot ends. Lowering `matched` only causes
+                // a resend; the slots counted before are still durable there.
+                p.matched = matched;
+                p.next = matched + 1;
                 p.inflight = 0;
             } else {
                 p.matched = p.matched.max(matched);
                 p.next = p.next.max(p.matched + 1);
                 p.inflight = p.inflight.saturating_sub(1);
+                if p.snap.is_some_and(|s| s.index <= p.matched) {
+                    p.snap = None;
+                }
             }
             lead.transfer
                 .filter(|&(t, _)| t == from && p.matched >= last)
@@ -1115,7 +1124,10 @@ impl Paxos {
             }
             // The peer answered a heartbeat sent after our last Accept without having
             // everything we sent: those Accepts were lost, so resend.
-            if p.snap.is_none() && p.accept_sent_at < sent_at && p.next > p.matched + 1 {
+            if p.snap.is_none()
+                && p.accept_sent_at < sent_at
+                && (p.next > p.matched + 1 || p.inflight > 0)
+            {
                 p.next = p.matched + 1;
                 p.inflight = 0;
             }
@@ -1150,9 +1162,16 @@ impl Paxos {
         self.follow(b);
         let index = meta.index;
         if index <= self.commit {
+            // Already past it: report it as installed so the leader moves on.
             self.incoming = None;
-            let matched = self.bmatch;
-            self.send(from, Message::Accepted { ballot: b, matched });
+            self.send(
+                from,
+                Message::SnapshotAck {
+                    ballot: b,
+                    index,
+                    next_offset: total,
+                },
+            );
             return;
         }
         let fits = data.len() as u64 <= total.saturating_sub(offset);
