@@ -422,9 +422,18 @@ impl Paxos {
     }
 
     fn become_leader(&mut self) {
-        let cand = self.cand.take().expect("candidate");
+        let mut cand = self.cand.take().expect("candidate");
         let b = self.promised;
         let c = self.commit;
+        // Our own log is part of our promise; it cannot have changed since the campaign
+        // started unless an acceptor bug let a lower ballot in, and even then no accepted
+        // value may be dropped.
+        for e in self.log.slice(c + 1, self.log.last_index()) {
+            let newer = cand.merged.get(&e.index).is_none_or(|m| e.term > m.term);
+            if newer {
+                cand.merged.insert(e.index, e.clone());
+            }
+        }
         let max = cand.merged.keys().next_back().copied().unwrap_or(c).max(c);
         // Re-propose, in our ballot, the highest-ballot value of every slot above the
         // commit index and fill gaps with no-ops (Paxos Made Simple, section 3).
@@ -1012,6 +1021,13 @@ impl Paxos {
             "accepting ballot {b} below promise {}",
             self.promised
         );
+        assert!(
+            self.bmatch <= self.log.last_index(),
+            "bmatch {} beyond log {:?} (ballot {b}, bmatch ballot {}, below {below})",
+            self.bmatch,
+            self,
+            self.bmatch_ballot
+        );
         if prev > self.bmatch {
             let matched = self.bmatch;
             self.send(from, Message::Reject { ballot: b, matched });
@@ -1084,6 +1100,25 @@ impl Paxos {
     }
 
     fn on_heartbeat(&mut self, from: NodeId, b: u64, commit: u64, seq: u64, sent_at: u64) {
+        if b < self.promised && self.bugs.accept_below_promise {
+            // Planted bug `accept_below_promise`: the same broken ballot check also
+            // acknowledges a deposed leader's heartbeats, so it keeps leading.
+            let matched = if self.bmatch_ballot == b {
+                self.bmatch
+            } else {
+                self.commit
+            };
+            self.send(
+                from,
+                Message::HeartbeatAck {
+                    ballot: b,
+                    seq,
+                    sent_at,
+                    matched,
+                },
+            );
+            return;
+        }
         if b < self.promised {
             self.nack(from, b);
             return;
