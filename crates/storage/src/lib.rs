@@ -80,3 +80,10 @@ pub trait LogStore {
     fn first_index(&self) -> u64;
     fn last_index(&self) -> u64;
 }
+
+pub mod disk;
+pub mod faulty;
+pub mod mem;
+pub mod record;
+pub mod snapshot;
+pub mod wal;
