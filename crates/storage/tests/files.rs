@@ -109,9 +109,7 @@ fn flipped_byte_in_a_middle_record_is_reported_with_file_and_offset() {
     let offsets = record_offsets(&seg);
     let victim = offsets[offsets.len() / 2];
     flip(&seg, victim + 20);
-    let err = Wal::open(&d.0, opts(64 << 20))
-        .err()
-        .expect("must refuse to open");
+    let err = Wal::open(&d.0, opts(64 << 20)).expect_err("must refuse to open");
     match &err {
         StorageError::Corrupt { path, offset, .. } => {
             assert_eq!(Path::new(path), seg.as_path());
@@ -288,7 +286,7 @@ fn corrupt_snapshot_is_a_clear_error() {
         .unwrap()
         .path();
     flip(&file, 500);
-    let err = Wal::open(&d.0, opts(64 << 20)).err().expect("must refuse");
+    let err = Wal::open(&d.0, opts(64 << 20)).expect_err("must refuse");
     match &err {
         StorageError::Corrupt { path, detail, .. } => {
             assert_eq!(Path::new(path), file.as_path());
