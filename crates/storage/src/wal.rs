@@ -342,6 +342,9 @@ impl<D: Disk> Wal<D> {
             Some(prev_seq) => {
                 self.flush()?;
                 self.fsync_active()?;
+                // The previous segment's name too, so that no crash can keep a newer
+                // segment without an older one.
+                self.fsync_dir()?;
                 prev_seq + 1
             }
             None => 1,
