@@ -85,6 +85,7 @@ pub(crate) struct Version {
     pub(crate) create_rev: Revision,
     pub(crate) version: i64,
     pub(crate) lease: LeaseId,
+    #[serde(with = "crate::codec::bytes::option")]
     pub(crate) value: Option<Box<[u8]>>,
 }
 
