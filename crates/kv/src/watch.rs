@@ -11,7 +11,7 @@
 //! nothing is lost unless compaction overtakes its cursor, and then it is cancelled with
 //! [`WatchCancelReason::Compacted`].
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::error::KvError;
 use crate::store::{key_in_range, KvStore};
@@ -144,6 +144,10 @@ fn event_bytes(e: &Event, with_prev: bool) -> usize {
 pub struct WatchHub {
     config: WatchConfig,
     watchers: BTreeMap<WatchId, Watcher>,
+    /// Watchers of a single key, by key: `publish` looks these up per event.
+    by_key: BTreeMap<Vec<u8>, BTreeSet<WatchId>>,
+    /// Watchers of a range: `publish` checks each against every event.
+    ranged: BTreeSet<WatchId>,
     next_id: WatchId,
     /// The store revision up to which `publish` has delivered; a watcher may only turn
     /// synced when the store is at this revision (else it would miss what was not published).
@@ -156,6 +160,8 @@ impl WatchHub {
         WatchHub {
             config,
             watchers: BTreeMap::new(),
+            by_key: BTreeMap::new(),
+            ranged: BTreeSet::new(),
             next_id: 1,
             published_revision: store.revision(),
         }
@@ -193,6 +199,11 @@ impl WatchHub {
         }
         let id = self.next_id;
         self.next_id += 1;
+        if req.range_end.is_empty() {
+            self.by_key.entry(req.key.clone()).or_default().insert(id);
+        } else {
+            self.ranged.insert(id);
+        }
         self.watchers.insert(
             id,
             Watcher {
@@ -210,10 +221,25 @@ impl WatchHub {
 
     /// Removes a watcher.
     pub fn cancel(&mut self, id: WatchId) -> Result<(), KvError> {
-        self.watchers
+        let w = self
+            .watchers
             .remove(&id)
-            .map(|_| ())
-            .ok_or(KvError::WatchNotFound { id })
+            .ok_or(KvError::WatchNotFound { id })?;
+        self.unindex(id, &w.req);
+        Ok(())
+    }
+
+    fn unindex(&mut self, id: WatchId, req: &WatchRequest) {
+        if req.range_end.is_empty() {
+            if let Some(ids) = self.by_key.get_mut(req.key.as_slice()) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_key.remove(req.key.as_slice());
+                }
+            }
+        } else {
+            self.ranged.remove(&id);
+        }
     }
 
     /// Whether the watcher is at the store's head (etcd sends progress notifications only
@@ -230,40 +256,43 @@ impl WatchHub {
             .first()
             .is_some_and(|e| e.revision() > self.published_revision + 1)
             || (events.is_empty() && store.revision() != self.published_revision);
-        let mut ready = Vec::new();
-        for (&id, w) in self.watchers.iter_mut() {
-            if w.canceled.is_some() {
-                continue;
+        self.published_revision = store.revision();
+        let mut ready = BTreeSet::new();
+        if gap {
+            // Some revisions were never published (or the store was replaced): every
+            // synced watcher replays from history instead of guessing.
+            for (&id, w) in self.watchers.iter_mut() {
+                if w.canceled.is_none() && w.synced {
+                    w.synced = false;
+                    ready.insert(id);
+                }
             }
-            if gap && w.synced {
-                // Some revisions were never published (or the store was replaced): replay
-                // them from history instead of guessing.
-                w.synced = false;
-                ready.push(id);
-                continue;
-            }
-            if !w.synced {
-                continue;
-            }
-            let before = w.queue.len();
-            for e in events {
-                if !w.not_before_cursor(e) {
+            return ready.into_iter().collect();
+        }
+        for e in events {
+            // Only watchers of exactly this key, and range watchers, can want it.
+            let exact = self.by_key.get(e.kv.key.as_slice());
+            for &id in exact.into_iter().flatten().chain(self.ranged.iter()) {
+                let w = self
+                    .watchers
+                    .get_mut(&id)
+                    .expect("indexed watcher is registered");
+                if !w.synced || w.canceled.is_some() || !w.not_before_cursor(e) {
                     continue;
                 }
+                let before = w.queue.len();
                 if !w.try_push(&self.config, e) {
                     // Queue full: fall back to history from this very event.
                     w.synced = false;
                     w.cursor_rev = e.revision();
                     w.cursor_key = e.kv.key.clone();
-                    break;
+                    ready.insert(id);
+                } else if w.queue.len() != before {
+                    ready.insert(id);
                 }
             }
-            if w.queue.len() != before || !w.synced {
-                ready.push(id);
-            }
         }
-        self.published_revision = store.revision();
-        ready
+        ready.into_iter().collect()
     }
 
     /// To call after the store was replaced by a restored snapshot: every watcher replays
@@ -304,7 +333,7 @@ impl WatchHub {
         if let Some(reason) = w.canceled.clone() {
             if w.queue.is_empty() {
                 poll.canceled = Some(reason);
-                self.watchers.remove(&id);
+                self.cancel(id).expect("watcher is registered");
                 return Ok(poll);
             }
         }
