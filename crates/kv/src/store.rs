@@ -1076,7 +1076,8 @@ impl KvStore {
         let Some(bounds) = key_bounds(key, range_end) else {
             return Ok(Vec::new());
         };
-        if limit == 0 {
+        // Nothing after the head yet: spare a new watcher a scan of its whole range.
+        if limit == 0 || revision > self.revision {
             return Ok(Vec::new());
         }
         // Keep the `limit` smallest (revision, key) positions: a max-heap whose top is the

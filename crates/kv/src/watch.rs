@@ -30,6 +30,11 @@ pub struct WatchConfig {
     /// Most event bytes (keys and values, with prev_kv) queued per watcher before it turns
     /// lagging; one event is always accepted into an empty queue, however large.
     pub queue_bytes_max: usize,
+    /// Most recently published events the hub keeps so that a watcher lagging only a
+    /// little catches up from them instead of scanning the store's history.
+    pub recent_events_max: usize,
+    /// Most bytes of recently published events kept (same measure as `queue_bytes_max`).
+    pub recent_bytes_max: usize,
 }
 
 impl Default for WatchConfig {
@@ -38,6 +43,8 @@ impl Default for WatchConfig {
             watchers_max: 100_000,
             queue_events_max: 1024,
             queue_bytes_max: 4 * 1024 * 1024,
+            recent_events_max: 4096,
+            recent_bytes_max: 16 * 1024 * 1024,
         }
     }
 }
@@ -140,6 +147,57 @@ fn event_bytes(e: &Event, with_prev: bool) -> usize {
     e.kv.key.len() + e.kv.value.len() + prev
 }
 
+/// A bounded suffix of the published event stream: every published event at a position
+/// at or after `(start_rev, start_key)` is in `events` (the stream is in position order,
+/// so dropping the oldest just moves the start past it).
+struct Recent {
+    events: VecDeque<Event>,
+    bytes: usize,
+    start_rev: Revision,
+    start_key: Vec<u8>,
+}
+
+impl Recent {
+    /// Forgets everything; the next published revision starts the suffix again.
+    fn restart(&mut self, next_rev: Revision) {
+        self.events.clear();
+        self.bytes = 0;
+        self.start_rev = next_rev;
+        self.start_key.clear();
+    }
+
+    fn push(&mut self, cfg: &WatchConfig, e: &Event) {
+        self.bytes += event_bytes(e, true);
+        self.events.push_back(e.clone());
+        while self.events.len() > cfg.recent_events_max || self.bytes > cfg.recent_bytes_max {
+            let old = self
+                .events
+                .pop_front()
+                .expect("non-empty while over a limit");
+            self.bytes -= event_bytes(&old, true);
+            self.start_rev = old.revision();
+            self.start_key = old.kv.key;
+            self.start_key.push(0);
+        }
+    }
+
+    fn covers(&self, rev: Revision, key: &[u8]) -> bool {
+        (rev, key) >= (self.start_rev, self.start_key.as_slice())
+    }
+
+    /// The same answer `KvStore::events_from` gives, for a position this suffix covers.
+    fn read(&self, w: &Watcher, limit: usize) -> Vec<Event> {
+        self.events
+            .iter()
+            .filter(|e| {
+                w.not_before_cursor(e) && key_in_range(&e.kv.key, &w.req.key, &w.req.range_end)
+            })
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+}
+
 /// Registered watchers and their bounded queues. See the module doc.
 pub struct WatchHub {
     config: WatchConfig,
@@ -148,6 +206,7 @@ pub struct WatchHub {
     by_key: BTreeMap<Vec<u8>, BTreeSet<WatchId>>,
     /// Watchers of a range: `publish` checks each against every event.
     ranged: BTreeSet<WatchId>,
+    recent: Recent,
     next_id: WatchId,
     /// The store revision up to which `publish` has delivered; a watcher may only turn
     /// synced when the store is at this revision (else it would miss what was not published).
@@ -162,6 +221,12 @@ impl WatchHub {
             watchers: BTreeMap::new(),
             by_key: BTreeMap::new(),
             ranged: BTreeSet::new(),
+            recent: Recent {
+                events: VecDeque::new(),
+                bytes: 0,
+                start_rev: store.revision() + 1,
+                start_key: Vec::new(),
+            },
             next_id: 1,
             published_revision: store.revision(),
         }
@@ -261,6 +326,7 @@ impl WatchHub {
         if gap {
             // Some revisions were never published (or the store was replaced): every
             // synced watcher replays from history instead of guessing.
+            self.recent.restart(store.revision() + 1);
             for (&id, w) in self.watchers.iter_mut() {
                 if w.canceled.is_none() && w.synced {
                     w.synced = false;
@@ -270,6 +336,7 @@ impl WatchHub {
             return ready.into_iter().collect();
         }
         for e in events {
+            self.recent.push(&self.config, e);
             // Only watchers of exactly this key, and range watchers, can want it.
             let exact = self.by_key.get(e.kv.key.as_slice());
             for &id in exact.into_iter().flatten().chain(self.ranged.iter()) {
@@ -299,6 +366,7 @@ impl WatchHub {
     /// from its cursor (or is cancelled if the snapshot's compaction passed it).
     pub fn reset(&mut self, store: &KvStore) {
         self.published_revision = store.revision();
+        self.recent.restart(store.revision() + 1);
         for w in self.watchers.values_mut() {
             w.synced = false;
         }
@@ -314,12 +382,13 @@ impl WatchHub {
     ) -> Result<WatchPoll, KvError> {
         let published = self.published_revision;
         let cfg = &self.config;
+        let recent = &self.recent;
         let w = self
             .watchers
             .get_mut(&id)
             .ok_or(KvError::WatchNotFound { id })?;
         if w.canceled.is_none() && !w.synced {
-            catch_up(cfg, store, published, w);
+            catch_up(cfg, store, recent, published, w);
         }
         let mut poll = WatchPoll::default();
         let n = max_events.min(w.queue.len());
@@ -344,18 +413,31 @@ impl WatchHub {
 
 /// Refills a lagging watcher's queue from history, and marks it synced once it has
 /// reached the head of a fully published store.
-fn catch_up(cfg: &WatchConfig, store: &KvStore, published: Revision, w: &mut Watcher) {
+fn catch_up(
+    cfg: &WatchConfig,
+    store: &KvStore,
+    recent: &Recent,
+    published: Revision,
+    w: &mut Watcher,
+) {
     let room = cfg.queue_events_max.saturating_sub(w.queue.len());
     if room == 0 {
         return;
     }
-    let fetched = match store.events_from(
-        &w.req.key,
-        &w.req.range_end,
-        w.cursor_rev,
-        &w.cursor_key,
-        room,
-    ) {
+    // Recently published events answer a small lag without scanning the store; they are
+    // only trusted while the hub is in step with the store.
+    let fetched = if store.revision() == published && recent.covers(w.cursor_rev, &w.cursor_key) {
+        Ok(recent.read(w, room))
+    } else {
+        store.events_from(
+            &w.req.key,
+            &w.req.range_end,
+            w.cursor_rev,
+            &w.cursor_key,
+            room,
+        )
+    };
+    let fetched = match fetched {
         Ok(events) => events,
         Err(KvError::Compacted { compact_revision }) => {
             w.canceled = Some(WatchCancelReason::Compacted { compact_revision });
