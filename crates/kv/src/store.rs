@@ -1114,6 +1114,45 @@ impl KvStore {
     }
 
     // -----------------------------------------------------------------------------------
+    // Consistency checking between replicas
+
+    /// A checksum of the keyspace history up to `revision` (0 = current), as etcd's
+    /// `Maintenance.HashKV`: replicas that applied the same log agree on it (the value is
+    /// not etcd's, only comparable between Concord members). Covers every stored version
+    /// with `mod_rev <= revision`: key, revisions, version, lease, value or tombstone.
+    pub fn hash_kv(&self, revision: Revision) -> Result<HashKv, KvError> {
+        self.check_read_revision(revision)?;
+        let rev = if revision > 0 {
+            revision
+        } else {
+            self.revision
+        };
+        let mut crc = 0u32;
+        for (key, hist) in &self.keys {
+            for v in hist.iter().take_while(|v| v.mod_rev <= rev) {
+                crc = crc32c::crc32c_append(crc, &(key.len() as u64).to_le_bytes());
+                crc = crc32c::crc32c_append(crc, key);
+                for n in [v.mod_rev, v.create_rev, v.version, v.lease] {
+                    crc = crc32c::crc32c_append(crc, &n.to_le_bytes());
+                }
+                match &v.value {
+                    Some(val) => {
+                        crc = crc32c::crc32c_append(crc, &[1]);
+                        crc = crc32c::crc32c_append(crc, &(val.len() as u64).to_le_bytes());
+                        crc = crc32c::crc32c_append(crc, val);
+                    }
+                    None => crc = crc32c::crc32c_append(crc, &[0]),
+                }
+            }
+        }
+        Ok(HashKv {
+            hash: crc,
+            revision: rev,
+            compact_revision: self.compact_revision,
+        })
+    }
+
+    // -----------------------------------------------------------------------------------
     // Invariants
 
     /// Asserts the store's invariants (see the type's doc). O(keys); run after every apply

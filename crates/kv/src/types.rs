@@ -309,6 +309,15 @@ pub struct KvStatus {
     pub lease_count: u64,
 }
 
+/// Answer of [`crate::KvStore::hash_kv`], as etcd's `HashKVResponse`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashKv {
+    pub hash: u32,
+    /// The revision the hash covers up to.
+    pub revision: Revision,
+    pub compact_revision: Revision,
+}
+
 // ---------------------------------------------------------------------------------------
 // Commands and responses
 

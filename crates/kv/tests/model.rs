@@ -366,6 +366,8 @@ proptest! {
             other.apply(i as u64 + 1, cmd);
         }
         prop_assert_eq!(other.snapshot(), snap);
+        prop_assert_eq!(other.hash_kv(0), store.hash_kv(0));
+        prop_assert_eq!(restored.hash_kv(0), store.hash_kv(0));
     }
 
     #[test]

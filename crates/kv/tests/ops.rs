@@ -985,3 +985,25 @@ fn events_since_replays_history_with_prev_kv() {
     let got: Vec<_> = ev.iter().map(|e| e.revision()).collect();
     assert_eq!(got, vec![3, 4]);
 }
+
+#[test]
+fn hash_kv_tracks_history_up_to_a_revision() {
+    let mut a = Harness::new();
+    let mut b = Harness::new();
+    a.put("a", "1");
+    b.put("a", "1");
+    assert_eq!(a.store.hash_kv(0), b.store.hash_kv(0));
+    a.put("a", "2");
+    b.put("a", "3");
+    assert_ne!(
+        a.store.hash_kv(0).unwrap().hash,
+        b.store.hash_kv(0).unwrap().hash
+    );
+    // Up to revision 2 they still agree.
+    assert_eq!(a.store.hash_kv(2), b.store.hash_kv(2));
+    assert_eq!(a.store.hash_kv(2).unwrap().revision, 2);
+    assert!(matches!(
+        a.store.hash_kv(9),
+        Err(KvError::FutureRevision { .. })
+    ));
+}
