@@ -284,11 +284,23 @@ impl KvStore {
             };
         }
         self.applied_index = index;
+        let revision_before = self.revision;
         let mut events = Vec::new();
         let result = self.apply_command(index, cmd, &mut events);
-        debug_assert!(
-            result.is_ok() || events.is_empty(),
-            "failed command had events"
+        // Cheap exit checks, kept in release builds: a failed command changed nothing, and
+        // every event lies in the revisions this command added, in order.
+        assert!(
+            result.is_ok() || (events.is_empty() && self.revision == revision_before),
+            "failed command changed the store"
+        );
+        assert!(
+            events
+                .windows(2)
+                .all(|w| (w[0].revision(), &w[0].kv.key) < (w[1].revision(), &w[1].kv.key))
+                && events
+                    .iter()
+                    .all(|e| e.revision() > revision_before && e.revision() <= self.revision),
+            "events out of order or outside the command's revisions"
         );
         // The full check is O(keys); in debug builds it runs while the store is small
         // (unit, model and simulator tests) and stays out of the way of large ones.
