@@ -765,10 +765,6 @@ impl KvStore {
         let Some(bounds) = key_bounds(&req.key, &req.range_end) else {
             return Ok(resp);
         };
-        let filtered = req.min_mod_revision > 0
-            || req.max_mod_revision > 0
-            || req.min_create_revision > 0
-            || req.max_create_revision > 0;
         let sort_order = match (req.sort_order, req.sort_target) {
             (SortOrder::None, SortTarget::Key) => SortOrder::None,
             (SortOrder::None, _) => SortOrder::Ascend,
@@ -782,6 +778,9 @@ impl KvStore {
             None
         };
         let mut count: i64 = 0;
+        // Sorted results are chosen on references and only the kept ones are copied out, so
+        // "newest 10 of a million keys" does not clone a million values.
+        let mut picked: Vec<(&[u8], &Version)> = Vec::new();
         for (key, hist) in self.keys.range::<[u8], _>(bounds) {
             let Some(v) = live_at(hist, read_rev) else {
                 continue;
@@ -799,47 +798,41 @@ impl KvStore {
             }
             // Without sorting, keys arrive in order, so one past the limit is enough to
             // know there are more; the scan goes on only to count.
-            if !sorted && limit.is_some_and(|l| resp.kvs.len() >= l) {
+            if !sorted && limit.is_some_and(|l| picked.len() >= l) {
                 resp.more = true;
                 continue;
             }
-            // A value sort needs values even when the caller wants keys only.
-            let need_value = !req.keys_only || req.sort_target == SortTarget::Value;
-            resp.kvs.push(v.to_kv(key, !need_value));
+            picked.push((key, v));
         }
         resp.count = count;
-        let _ = filtered;
         if sorted {
-            let key_fn = |kv: &KeyValue| -> (i64, Vec<u8>) {
-                match req.sort_target {
-                    SortTarget::Key => (0, Vec::new()),
-                    SortTarget::Version => (kv.version, Vec::new()),
-                    SortTarget::Create => (kv.create_revision, Vec::new()),
-                    SortTarget::Mod => (kv.mod_revision, Vec::new()),
-                    SortTarget::Value => (0, kv.value.clone()),
-                }
+            let num = |v: &Version| match req.sort_target {
+                SortTarget::Version => v.version,
+                SortTarget::Create => v.create_rev,
+                SortTarget::Mod => v.mod_rev,
+                SortTarget::Key | SortTarget::Value => 0,
             };
+            // Stable sorts: ties stay in key order.
             match (req.sort_target, sort_order) {
-                (SortTarget::Key, SortOrder::Descend) => resp.kvs.reverse(),
+                (SortTarget::Key, SortOrder::Descend) => picked.reverse(),
                 (SortTarget::Value, SortOrder::Descend) => {
-                    resp.kvs.sort_by(|a, b| b.value.cmp(&a.value))
+                    picked.sort_by(|a, b| b.1.value.cmp(&a.1.value))
                 }
-                (SortTarget::Value, _) => resp.kvs.sort_by(|a, b| a.value.cmp(&b.value)),
-                (_, SortOrder::Descend) => resp.kvs.sort_by_key(|kv| std::cmp::Reverse(key_fn(kv))),
-                _ => resp.kvs.sort_by_key(key_fn),
+                (SortTarget::Value, _) => picked.sort_by(|a, b| a.1.value.cmp(&b.1.value)),
+                (_, SortOrder::Descend) => picked.sort_by_key(|a| std::cmp::Reverse(num(a.1))),
+                _ => picked.sort_by_key(|a| num(a.1)),
             }
             if let Some(l) = limit {
-                if resp.kvs.len() > l {
-                    resp.kvs.truncate(l);
+                if picked.len() > l {
+                    picked.truncate(l);
                     resp.more = true;
                 }
             }
-            if req.keys_only {
-                for kv in &mut resp.kvs {
-                    kv.value = Vec::new();
-                }
-            }
         }
+        resp.kvs = picked
+            .into_iter()
+            .map(|(key, v)| v.to_kv(key, req.keys_only))
+            .collect();
         resp.header = self.header();
         Ok(resp)
     }
