@@ -207,6 +207,9 @@ pub struct WatchHub {
     /// Watchers of a range: `publish` checks each against every event.
     ranged: BTreeSet<WatchId>,
     recent: Recent,
+    /// Lagging watchers that polled while the store was ahead of what was published, so
+    /// could not finish catching up; the next `publish` reports them ready.
+    wake_on_publish: BTreeSet<WatchId>,
     next_id: WatchId,
     /// The store revision up to which `publish` has delivered; a watcher may only turn
     /// synced when the store is at this revision (else it would miss what was not published).
@@ -227,6 +230,7 @@ impl WatchHub {
                 start_rev: store.revision() + 1,
                 start_key: Vec::new(),
             },
+            wake_on_publish: BTreeSet::new(),
             next_id: 1,
             published_revision: store.revision(),
         }
@@ -291,6 +295,7 @@ impl WatchHub {
             .remove(&id)
             .ok_or(KvError::WatchNotFound { id })?;
         self.unindex(id, &w.req);
+        self.wake_on_publish.remove(&id);
         Ok(())
     }
 
@@ -322,7 +327,7 @@ impl WatchHub {
             .is_some_and(|e| e.revision() > self.published_revision + 1)
             || (events.is_empty() && store.revision() != self.published_revision);
         self.published_revision = store.revision();
-        let mut ready = BTreeSet::new();
+        let mut ready = std::mem::take(&mut self.wake_on_publish);
         if gap {
             // Some revisions were never published (or the store was replaced): every
             // synced watcher replays from history instead of guessing.
@@ -406,7 +411,13 @@ impl WatchHub {
                 return Ok(poll);
             }
         }
-        poll.more = !w.queue.is_empty() || !w.synced || w.canceled.is_some();
+        // A lagging watcher can make progress now unless the store is ahead of what was
+        // published; then polling again would spin, so it waits for the next publish.
+        let can_catch_up = !w.synced && store.revision() == published;
+        if !w.synced && !can_catch_up && w.queue.is_empty() {
+            self.wake_on_publish.insert(id);
+        }
+        poll.more = !w.queue.is_empty() || can_catch_up || w.canceled.is_some();
         Ok(poll)
     }
 }
