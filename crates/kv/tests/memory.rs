@@ -21,6 +21,7 @@ fn one_million_keys_of_256_bytes() {
     const VALUE_BYTES: usize = 256;
     let before = rss_bytes();
     let mut store = KvStore::new();
+    let t = std::time::Instant::now();
     for i in 0..KEYS {
         let cmd = Command::Put(PutRequest {
             key: format!("/registry/pods/default/pod-{i:08}").into_bytes(),
@@ -30,12 +31,14 @@ fn one_million_keys_of_256_bytes() {
         let resp = store.apply(i + 1, cmd);
         assert!(resp.result.is_ok());
     }
+    let put_ms = t.elapsed().as_millis();
     let after = rss_bytes();
     let st = store.status();
     assert_eq!(st.key_count, KEYS);
     let key_bytes = 35u64; // "/registry/pods/default/pod-" + 8 digits
     let payload = KEYS * (key_bytes + VALUE_BYTES as u64);
     let used = after.saturating_sub(before);
+    println!("apply of {KEYS} puts (incl. building them): {put_ms}ms");
     println!(
         "keys={KEYS} value={VALUE_BYTES}B rss_delta={}MiB payload={}MiB overhead_per_key={}B db_size_estimate={}MiB",
         used >> 20,
