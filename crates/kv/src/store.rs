@@ -315,6 +315,31 @@ impl KvStore {
         }
     }
 
+    /// Decodes a committed entry's bytes and applies them. Bytes that do not decode fail
+    /// the same way on every replica: the entry counts as applied and the answer is the
+    /// [`KvError::Decode`] error.
+    pub fn apply_entry(&mut self, index: u64, data: &[u8]) -> Response {
+        match Command::decode(data) {
+            Ok(cmd) => self.apply(index, cmd),
+            Err(e) => {
+                let result = if self.advance_applied(index) {
+                    Err(e)
+                } else {
+                    Err(KvError::AlreadyApplied {
+                        index,
+                        applied_index: self.applied_index,
+                    })
+                };
+                Response {
+                    index,
+                    revision: self.revision,
+                    result,
+                    events: Vec::new(),
+                }
+            }
+        }
+    }
+
     fn apply_command(
         &mut self,
         index: u64,

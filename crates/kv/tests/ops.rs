@@ -1007,3 +1007,17 @@ fn hash_kv_tracks_history_up_to_a_revision() {
         Err(KvError::FutureRevision { .. })
     ));
 }
+
+#[test]
+fn apply_entry_decodes_and_counts_undecodable_entries_as_applied() {
+    let mut store = KvStore::new();
+    let r = store.apply_entry(1, &Command::Put(put_req("a", "1")).encode());
+    assert!(r.result.is_ok());
+    assert_eq!(store.get(b"a").unwrap().value, b"1");
+    let r = store.apply_entry(2, &[1, 200, 200]);
+    assert!(matches!(r.result, Err(KvError::Decode(_))));
+    assert_eq!(store.applied_index(), 2);
+    assert_eq!(store.revision(), 2);
+    let r = store.apply_entry(2, &[1, 200, 200]);
+    assert!(matches!(r.result, Err(KvError::AlreadyApplied { .. })));
+}
