@@ -13,7 +13,8 @@ use crate::types::*;
 /// because they decide whether a command succeeds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvConfig {
-    /// Longest key accepted by a put.
+    /// Longest key accepted by a put. etcd bounds keys only by its request limit
+    /// (1.5 MiB), so the default is the same: nothing etcd accepts is refused here.
     pub key_bytes_max: usize,
     /// Longest value accepted by a put (etcd's default request limit is 1.5 MiB).
     pub value_bytes_max: usize,
@@ -31,7 +32,7 @@ pub struct KvConfig {
 impl Default for KvConfig {
     fn default() -> Self {
         KvConfig {
-            key_bytes_max: 32 * 1024,
+            key_bytes_max: 3 * 512 * 1024,
             value_bytes_max: 3 * 512 * 1024,
             txn_ops_max: 128,
             lease_ttl_min_secs: 1,
