@@ -58,6 +58,10 @@ struct Cluster {
     partitioned: BTreeSet<NodeId>,
     leaders: BTreeMap<u64, NodeId>,
     next_value: u64,
+    /// Read ctx -> the highest index any node had applied when the read was issued.
+    /// Linearizability of reads: the answer's index must be at least that.
+    reads: BTreeMap<u64, u64>,
+    next_read: u64,
 }
 
 impl Cluster {
@@ -74,6 +78,9 @@ impl Cluster {
             cfg.max_batch_entries = rng.range(1, 6) as usize;
             cfg.snapshot_chunk_bytes = rng.range(1, 64) as usize;
             cfg.inject_bug = bug.map(str::to_string);
+            if cfg.check_quorum && rng.range(0, 2) == 0 {
+                cfg.read_mode = concord_consensus::ReadMode::Lease;
+            }
             let raft = Raft::create(cfg.clone(), conf.clone(), Recovered::default()).unwrap();
             nodes.insert(
                 id,
@@ -93,6 +100,8 @@ impl Cluster {
             partitioned: BTreeSet::new(),
             leaders: BTreeMap::new(),
             next_value: 0,
+            reads: BTreeMap::new(),
+            next_read: 0,
         }
     }
 
@@ -103,14 +112,16 @@ impl Cluster {
         }
         let rd = n.raft.ready();
         if let Some(s) = &rd.snapshot {
-            n.disk.entries.retain(|e| e.index > s.meta.index);
-            if n.disk
+            // As LogStore::install_snapshot: keep the suffix only if the log continues from
+            // the snapshot with a matching term.
+            let continues = n
+                .disk
                 .entries
-                .first()
-                .is_some_and(|e| e.index != s.meta.index + 1)
-            {
-                n.disk.entries.clear();
-            }
+                .iter()
+                .any(|e| e.index == s.meta.index && e.term == s.meta.term);
+            n.disk
+                .entries
+                .retain(|e| continues && e.index > s.meta.index);
             n.disk.snapshot = Some(s.clone());
             n.applied = decode_applied(&s.data);
         }
@@ -121,8 +132,37 @@ impl Cluster {
         if let Some(hs) = rd.hard_state {
             n.disk.hs = hs;
         }
+        {
+            let mut prev = n
+                .disk
+                .snapshot
+                .as_ref()
+                .map_or((0, 0), |s| (s.meta.index, s.meta.term));
+            for e in &n.disk.entries {
+                assert!(
+                    e.index == prev.0 + 1 && e.term >= prev.1,
+                    "node {id}: disk inconsistent at {:?} after ready snap={:?} entries={:?}",
+                    (e.index, e.term),
+                    rd.snapshot.as_ref().map(|s| (s.meta.index, s.meta.term)),
+                    rd.entries
+                        .iter()
+                        .map(|e| (e.index, e.term))
+                        .collect::<Vec<_>>()
+                );
+                prev = (e.index, e.term);
+            }
+        }
         for m in rd.messages {
             self.inflight.push((id, m.to, m.msg));
+        }
+        for r in rd.read_states {
+            let ctx = u64::from_le_bytes(r.ctx[..8].try_into().unwrap());
+            let floor = self.reads.remove(&ctx).unwrap_or(0);
+            assert!(
+                r.index >= floor,
+                "stale read: index {} but index {floor} was applied before the read",
+                r.index
+            );
         }
         for e in rd.committed {
             if e.kind == EntryKind::Normal {
@@ -171,7 +211,16 @@ impl Cluster {
             entries: d.entries,
             applied,
         };
-        n.raft = Raft::create(n.cfg.clone(), initial, rec).unwrap();
+        let dbg = format!(
+            "snap={:?} entries={:?} hs={:?}",
+            rec.snapshot.as_ref().map(|s| (s.meta.index, s.meta.term)),
+            rec.entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
+            rec.hard_state
+        );
+        n.raft = Raft::create(n.cfg.clone(), initial, rec).expect(&dbg);
     }
 
     fn check(&mut self) {
@@ -198,15 +247,15 @@ impl Cluster {
 
     fn step(&mut self, faults: bool) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        let r = self.rng.range(0, 100);
+        let r = self.rng.range(0, 1000);
         match r {
-            0..=9 => {
+            0..=149 => {
                 let id = ids[self.rng.range(0, ids.len() as u64) as usize];
                 if self.nodes[&id].up {
                     self.nodes.get_mut(&id).unwrap().raft.tick();
                 }
             }
-            10..=59 => {
+            150..=549 => {
                 // Reordering: deliver a few random in-flight messages.
                 for _ in 0..8 {
                     if self.inflight.is_empty() {
@@ -224,12 +273,12 @@ impl Cluster {
                     }
                 }
             }
-            60..=79 => {
+            550..=749 => {
                 for id in ids {
                     self.process_ready(id);
                 }
             }
-            80..=89 => {
+            750..=899 => {
                 let leader = self
                     .nodes
                     .values_mut()
@@ -239,11 +288,11 @@ impl Cluster {
                     let _ = n.raft.propose(format!("v{}", self.next_value).into_bytes());
                 }
             }
-            90..=91 if faults => {
+            900..=907 if faults => {
                 let id = ids[self.rng.range(0, ids.len() as u64) as usize];
                 self.crash(id);
             }
-            92..=93 if faults => {
+            908..=911 if faults => {
                 self.partitioned.clear();
                 for &id in &ids {
                     if self.rng.range(0, 3) == 0 {
@@ -251,7 +300,7 @@ impl Cluster {
                     }
                 }
             }
-            94 if faults => {
+            912..=915 if faults => {
                 // Membership: demote or promote node 5 (or remove/re-add) when possible.
                 let leader = self
                     .nodes
@@ -270,7 +319,7 @@ impl Cluster {
                     });
                 }
             }
-            95 if faults => {
+            916..=919 if faults => {
                 let leader = self
                     .nodes
                     .values_mut()
@@ -282,8 +331,18 @@ impl Cluster {
             }
             _ => {
                 let id = ids[self.rng.range(0, ids.len() as u64) as usize];
+                let floor = self
+                    .nodes
+                    .values()
+                    .filter_map(|n| n.applied.last().map(|(i, _)| *i))
+                    .max()
+                    .unwrap_or(0);
+                self.next_read += 1;
+                let ctx = self.next_read;
                 if let Some(n) = self.nodes.get_mut(&id) {
-                    let _ = n.raft.read_index(b"r".to_vec());
+                    if n.raft.read_index(ctx.to_le_bytes().to_vec()).is_ok() {
+                        self.reads.insert(ctx, floor);
+                    }
                 }
             }
         }

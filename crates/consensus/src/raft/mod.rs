@@ -524,7 +524,10 @@ impl Raft {
                     pr.inflights.add(last, self.ticks);
                 }
             }
-            ProgressState::Probe => pr.paused = true,
+            ProgressState::Probe => {
+                pr.paused = true;
+                pr.sent_tick = self.ticks;
+            }
             ProgressState::Snapshot => unreachable!("can_send is false while snapshotting"),
         }
         self.send(
@@ -559,6 +562,7 @@ impl Raft {
             pr.snapshot_index = snap.meta.index;
             pr.snapshot_offset = 0;
         }
+        pr.sent_tick = self.ticks;
         let len = snap.data.len() as u64;
         let offset = pr.snapshot_offset.min(len);
         let end = (offset + self.cfg.snapshot_chunk_bytes as u64).min(len);
@@ -1138,7 +1142,13 @@ impl Raft {
                 if pr.state != ProgressState::Snapshot || pr.snapshot_index != index {
                     return;
                 }
-                pr.snapshot_offset = next_offset.min(snap_len);
+                // Each answer moves the stream by at most one chunk; a duplicate answer
+                // (same offset) must not start a second stream.
+                let next_offset = next_offset.min(snap_len);
+                if next_offset == pr.snapshot_offset {
+                    return;
+                }
+                pr.snapshot_offset = next_offset;
                 self.send_snapshot_chunk(from);
             }
             // A full queue drops the read; the follower's client times out.
@@ -1244,10 +1254,16 @@ impl Raft {
         pr.read_seq_acked = pr.read_seq_acked.max(read_seq);
         let behind = pr.matched < last;
         match pr.state {
+            // Probe and Snapshot retransmit only when this heartbeat was sent after our last
+            // probe or chunk: on an ordered link its answer would have arrived first, so it
+            // was lost. Retransmitting on every answer (reads add heartbeat rounds) would
+            // multiply duplicate probes and chunk streams.
             ProgressState::Probe => {
-                pr.paused = false;
-                if behind {
-                    self.send_append(from, true);
+                if pr.sent_tick < sent_tick {
+                    pr.paused = false;
+                    if behind {
+                        self.send_append(from, true);
+                    }
                 }
             }
             ProgressState::Replicate => {
@@ -1265,8 +1281,9 @@ impl Raft {
                 self.replicate_dirty = true;
             }
             ProgressState::Snapshot => {
-                // Retransmit the chunk the follower is waiting for.
-                self.send_snapshot_chunk(from);
+                if pr.sent_tick < sent_tick {
+                    self.send_snapshot_chunk(from);
+                }
             }
         }
         self.resolve_reads();
