@@ -38,6 +38,7 @@ use progress::{Progress, ProgressState};
 use quorum::VoteResult;
 use read_only::ReadOnly;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Most committed entries handed out in one `Ready`; the rest follow in the next one.
 pub const MAX_COMMITTED_PER_READY: usize = 4096;
@@ -139,8 +140,9 @@ pub struct Raft {
     /// Follower: reads forwarded to the leader and not yet answered.
     forwarded_reads: usize,
 
-    /// The newest snapshot, kept to send to lagging followers.
-    snapshot: Option<Snapshot>,
+    /// The newest snapshot, kept to send to lagging followers (shared with the transfers
+    /// in progress).
+    snapshot: Option<Arc<Snapshot>>,
     incoming: Option<IncomingSnapshot>,
     /// A snapshot to hand to the driver in the next `Ready`.
     pending_snapshot: Option<Snapshot>,
@@ -543,25 +545,23 @@ impl Raft {
     }
 
     fn start_snapshot(&mut self, to: NodeId) -> bool {
-        let Some(index) = self.snapshot.as_ref().map(|s| s.meta.index) else {
+        let Some(snap) = self.snapshot.clone() else {
             return false; // Nothing to send yet; cannot happen once compaction ran.
         };
         if let Some(pr) = self.progress.get_mut(&to) {
-            pr.become_snapshot(index);
+            pr.become_snapshot(snap);
         }
         self.send_snapshot_chunk(to);
         true
     }
 
     fn send_snapshot_chunk(&mut self, to: NodeId) {
-        let (Some(snap), Some(pr)) = (self.snapshot.as_ref(), self.progress.get_mut(&to)) else {
+        let Some(pr) = self.progress.get_mut(&to) else {
             return;
         };
-        if pr.snapshot_index != snap.meta.index {
-            // A newer snapshot replaced the one being sent: start over with it.
-            pr.snapshot_index = snap.meta.index;
-            pr.snapshot_offset = 0;
-        }
+        let Some(snap) = pr.snapshot.clone() else {
+            return;
+        };
         pr.sent_tick = self.ticks;
         let len = snap.data.len() as u64;
         let offset = pr.snapshot_offset.min(len);
@@ -1117,7 +1117,7 @@ impl Raft {
         self.conf.reset(meta.conf.clone());
         self.commit = meta.index;
         self.applying = self.applying.max(meta.index);
-        self.snapshot = Some(snap.clone());
+        self.snapshot = Some(Arc::new(snap.clone()));
         self.pending_snapshot = Some(snap);
     }
 
@@ -1134,14 +1134,14 @@ impl Raft {
                 sent_tick,
             } => self.handle_heartbeat_resp(from, read_seq, sent_tick),
             Body::SnapshotResp { index, next_offset } => {
-                let snap_len = self.snapshot.as_ref().map_or(0, |s| s.data.len() as u64);
                 let Some(pr) = self.progress.get_mut(&from) else {
                     return;
                 };
                 pr.recent_active = true;
-                if pr.state != ProgressState::Snapshot || pr.snapshot_index != index {
+                if pr.state != ProgressState::Snapshot || pr.snapshot_index() != index {
                     return;
                 }
+                let snap_len = pr.snapshot.as_ref().map_or(0, |s| s.data.len() as u64);
                 // Each answer moves the stream by at most one chunk; a duplicate answer
                 // (same offset) must not start a second stream.
                 let next_offset = next_offset.min(snap_len);
@@ -1430,7 +1430,7 @@ impl Replica for Raft {
             transfer_elapsed: 0,
             reads: ReadOnly::new(config.max_pending_reads),
             forwarded_reads: 0,
-            snapshot: recovered.snapshot.clone(),
+            snapshot: recovered.snapshot.clone().map(Arc::new),
             incoming: None,
             pending_snapshot: None,
             msgs: Vec::new(),
@@ -1580,10 +1580,10 @@ impl Replica for Raft {
         let conf = self.conf.at(index).clone();
         self.log.compact_to(index);
         self.conf.compact_to(index);
-        self.snapshot = Some(Snapshot {
+        self.snapshot = Some(Arc::new(Snapshot {
             meta: SnapshotMeta { index, term, conf },
             data,
-        });
+        }));
     }
 
     fn has_ready(&self) -> bool {
