@@ -717,14 +717,22 @@ impl Raft {
             return;
         }
         let known = self.conf_state().all_nodes().contains(&from);
-        let from_leader = matches!(
+        let from_leader_or_candidate = matches!(
             m.body,
-            Body::Append { .. } | Body::Heartbeat { .. } | Body::Snapshot { .. } | Body::TimeoutNow
+            Body::Append { .. }
+                | Body::Heartbeat { .. }
+                | Body::Snapshot { .. }
+                | Body::TimeoutNow
+                | Body::Vote { .. }
+                | Body::PreVote { .. }
         );
-        // A node we do not know of may still be a leader whose configuration includes us
-        // (we may not have that ConfChange yet, or we are new and empty); anything else
-        // from a stranger is ignored.
-        if !known && !from_leader {
+        // Requests from a node outside our configuration are still processed (thesis §4.1:
+        // servers do not consult their configuration for incoming RPCs): we may simply
+        // not have the ConfChange that added it yet, and a candidate that needs our vote
+        // must get an answer or the group can deadlock. Disruption by removed servers is
+        // contained by pre-vote and leader stickiness (§4.2.3). Anything else from a
+        // stranger (answers to requests we never sent) is ignored.
+        if !known && !from_leader_or_candidate {
             return;
         }
 
@@ -795,9 +803,9 @@ impl Raft {
     }
 
     fn handle_vote(&mut self, from: NodeId, term: u64, last_index: u64, last_term: u64, pre: bool) {
-        if !self.promotable() {
-            return; // Learners and removed nodes do not vote.
-        }
+        // No check that we are a voter ourselves: we may have been promoted (or re-added)
+        // without having the entry yet, and the candidate only counts votes of nodes in its
+        // own configuration anyway.
         let can_vote = self.vote == from
             || (self.vote == NO_NODE && self.leader == NO_NODE)
             || (pre && term > self.term);
