@@ -40,6 +40,10 @@ const LINEARIZABILITY_STEP_LIMIT: u64 = 500_000;
 /// Ticks before a conf change that has not shown up in the leader's applied config is
 /// proposed again.
 const CONF_CHANGE_RETRY_TICKS: u64 = 30;
+/// How long a "crash right after the next vote" stays armed.
+const VOTE_CRASH_ARMED_TICKS: u64 = 60;
+/// Vote grants remembered per node (older terms are long settled).
+const MAX_GRANTS_KEPT: usize = 64;
 /// Trace lines kept in verbose mode.
 const MAX_TRACE_LINES: usize = 20_000;
 
@@ -212,71 +216,23 @@ fn bytes_digest(data: &[u8]) -> u64 {
     mix(h ^ data.len() as u64)
 }
 
-fn entry_digest(e: &Entry) -> u64 {
-    let kind = match e.kind {
+/// What the entry asks the state machine to do (kind and bytes), whatever its term: the
+/// same command may be chosen under different ballots on different Paxos acceptors.
+fn command_digest(e: &Entry) -> u64 {
+    let kind: u64 = match e.kind {
         EntryKind::Normal => 1,
         EntryKind::Noop => 2,
         EntryKind::ConfChange => 3,
     };
-    mix(bytes_digest(&e.data) ^ mix(e.term ^ (kind << 56)))
+    mix(bytes_digest(&e.data) ^ (kind << 56))
+}
+
+fn entry_digest(e: &Entry) -> u64 {
+    mix(command_digest(e) ^ mix(e.term))
 }
 
 fn chain(prev: u64, index: u64, term: u64, digest: u64) -> u64 {
     mix(prev ^ mix(index.wrapping_mul(31) ^ mix(term ^ mix(digest))))
-}
-
-/// Membership after applying `cc` to `conf`, by the contract's rules: a change that alters
-/// more than one voter enters a joint configuration (the old voters stay as outgoing), the
-/// empty change leaves it, and an invalid change (while joint, or leaving no voters)
-/// applies as nothing, as it does in the engines.
-fn apply_conf_change(conf: &mut ConfState, cc: &ConfChange) {
-    if cc.changes.is_empty() {
-        conf.voters_outgoing.clear();
-        return;
-    }
-    if conf.is_joint() {
-        return;
-    }
-    let mut next = conf.clone();
-    for item in &cc.changes {
-        match *item {
-            ConfChangeItem::AddVoter(x) => {
-                next.learners.retain(|&l| l != x);
-                next.voters.push(x);
-            }
-            ConfChangeItem::AddLearner(x) => {
-                next.voters.retain(|&v| v != x);
-                next.learners.push(x);
-            }
-            ConfChangeItem::Remove(x) => {
-                next.voters.retain(|&v| v != x);
-                next.learners.retain(|&l| l != x);
-            }
-        }
-    }
-    next.voters.sort_unstable();
-    next.voters.dedup();
-    next.learners.sort_unstable();
-    next.learners.dedup();
-    if next.voters.is_empty() {
-        return;
-    }
-    let changed = next
-        .voters
-        .iter()
-        .filter(|v| !conf.voters.contains(v))
-        .count()
-        + conf
-            .voters
-            .iter()
-            .filter(|v| !next.voters.contains(v))
-            .count();
-    next.voters_outgoing = if changed > 1 {
-        conf.voters.clone()
-    } else {
-        Vec::new()
-    };
-    *conf = next;
 }
 
 struct Node<R, S> {
@@ -297,6 +253,12 @@ struct Node<R, S> {
     synced_hard_state: HardState,
     /// Crash at the next persist, after writing but before syncing.
     crash_in_persist: bool,
+    /// Votes this node granted, by term/ballot (the last `MAX_GRANTS_KEPT`), across crashes.
+    granted: BTreeMap<u64, NodeId>,
+    /// The highest term/ballot it granted: a promise made to the world, durable or not.
+    announced_promise: u64,
+    /// Until this tick: crash right after sending a vote grant, and restart quickly.
+    crash_after_vote_until: Option<u64>,
     restart_at_tick: u64,
     /// Its durable data was corrupted and the corruption is not yet detected.
     corrupted: bool,
@@ -370,8 +332,9 @@ pub struct Sim<R: EngineModel, S: SimStore> {
     leaders_by_term: BTreeMap<u64, NodeId>,
     /// Log matching registry: (index, term) -> chain digest.
     chains: HashMap<(u64, u64), u64>,
-    /// State-machine safety: index -> (term, digest) of the entry first applied there.
-    applied_log: Vec<Option<(u64, u64)>>,
+    /// State-machine safety: index -> (term, entry digest, command digest) of the entry
+    /// first applied there.
+    applied_log: Vec<Option<(u64, u64, u64)>>,
     /// Digest of the state-machine snapshot at an index, first seen.
     snap_digests: HashMap<u64, u64>,
     /// Digests of every payload a client proposed: anything else applied is corrupt.
@@ -457,6 +420,9 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 hard_state: HardState::default(),
                 synced_hard_state: HardState::default(),
                 crash_in_persist: false,
+                crash_after_vote_until: None,
+                granted: BTreeMap::new(),
+                announced_promise: 0,
                 restart_at_tick: 0,
                 corrupted: false,
                 wiped: false,
@@ -618,6 +584,9 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         // Restarts.
         for id in 1..=n {
             let node = &mut self.nodes[Self::idx(id)];
+            if node.crash_after_vote_until.is_some_and(|t| tick >= t) {
+                node.crash_after_vote_until = None;
+            }
             if node.replica.is_some() && node.crash_in_persist {
                 // The crash armed for "during the next persist" did not meet one: crash now.
                 self.crash(id);
@@ -653,11 +622,19 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     self.report.corrupt_injected += 1;
                     self.trace(|| format!("corrupt durable data of node {victim}"));
                 }
-                if self.rng.chance(500_000) {
-                    self.trace(|| format!("arm crash of node {victim} during its next persist"));
-                    self.nodes[Self::idx(victim)].crash_in_persist = true;
-                } else {
-                    self.crash(victim);
+                match self.rng.range(0, 3) {
+                    0 => {
+                        self.trace(|| {
+                            format!("arm crash of node {victim} during its next persist")
+                        });
+                        self.nodes[Self::idx(victim)].crash_in_persist = true;
+                    }
+                    1 => {
+                        self.trace(|| format!("arm crash of node {victim} after its next vote"));
+                        self.nodes[Self::idx(victim)].crash_after_vote_until =
+                            Some(tick + VOTE_CRASH_ARMED_TICKS);
+                    }
+                    _ => self.crash(victim),
                 }
             }
         }
@@ -741,6 +718,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         let node = &mut self.nodes[Self::idx(id)];
         node.replica = None;
         node.crash_in_persist = false;
+        node.crash_after_vote_until = None;
         node.reads.clear();
         node.store.crash(&mut self.rng);
         self.report.crashes += 1;
@@ -964,6 +942,8 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         node.synced_hard_state = HardState::default();
         node.crash_in_persist = false;
         node.corrupted = false;
+        node.granted.clear();
+        node.announced_promise = 0;
         node.wiped = false;
         node.leader_checked_term = 0;
         self.trace(|| format!("node {id} rebuilt empty; it rejoins as a learner"));
@@ -994,6 +974,15 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 || rd
                     .hard_state
                     .is_some_and(|h| (h.term, h.vote) != (prev_hs.term, prev_hs.vote));
+            // What this node held at the entries' indices before this Ready (a snapshot
+            // below may drop it from the mirror, yet the engine may re-emit it).
+            let held_before: Vec<Option<u64>> = {
+                let shadow = &self.nodes[i].shadow;
+                rd.entries
+                    .iter()
+                    .map(|e| shadow.get(e.index).map(|x| x.0))
+                    .collect()
+            };
             let mut wrote = false;
             if let Some(snap) = &rd.snapshot {
                 wrote = true;
@@ -1001,8 +990,17 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             }
             if !rd.entries.is_empty() {
                 wrote = true;
-                let prev = self.nodes[i].hard_state;
-                if let Err(e) = R::check_persist(&prev, &rd.entries, rd.hard_state.as_ref()) {
+                // The promise that binds the node is the highest it announced, durable or not.
+                let mut prev = self.nodes[i].hard_state;
+                prev.term = prev.term.max(self.nodes[i].announced_promise);
+                let first = rd.entries[0].index;
+                let held = |index: u64| {
+                    index
+                        .checked_sub(first)
+                        .and_then(|k| held_before.get(k as usize).copied().flatten())
+                };
+                if let Err(e) = R::check_persist(&prev, &rd.entries, rd.hard_state.as_ref(), &held)
+                {
                     self.fail(format!("node {id}: {e}"));
                     return;
                 }
@@ -1047,8 +1045,25 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 node.synced_hard_state = node.hard_state;
             }
             // 2. Send.
+            let mut voted = false;
             for m in rd.messages {
+                if let Some(term) = R::vote_granted(&m.msg) {
+                    voted = true;
+                    self.record_grant(id, term, m.to);
+                    if self.report.violation.is_some() {
+                        return;
+                    }
+                }
                 self.net.send(self.now, id, m.to, m.msg, &mut self.rng);
+            }
+            if voted && self.nodes[i].crash_after_vote_until.is_some() {
+                // Power loss right after voting, and a quick restart: a vote that was not
+                // durable is forgotten while the election is still running.
+                self.trace(|| format!("node {id} crashes right after voting"));
+                self.crash(id);
+                let back = self.tick_now() + self.rng.range(1, 4);
+                self.nodes[i].restart_at_tick = back;
+                return;
             }
             // 3. Apply.
             for e in rd.committed {
@@ -1072,6 +1087,23 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             self.maybe_compact(id);
         }
         self.fail(format!("node {id}: still has work after 1000 Ready rounds"));
+    }
+
+    /// Remembers a vote grant; granting one term to two candidates breaks election safety
+    /// (whether or not a second leader happens to emerge in this run).
+    fn record_grant(&mut self, id: NodeId, term: u64, to: NodeId) {
+        let node = &mut self.nodes[Self::idx(id)];
+        node.announced_promise = node.announced_promise.max(term);
+        let first = *node.granted.entry(term).or_insert(to);
+        while node.granted.len() > MAX_GRANTS_KEPT {
+            node.granted.pop_first();
+        }
+        if first != to {
+            self.fail(format!(
+                "election safety: node {id} granted its vote for term {term} to both {first} \
+                 and {to}"
+            ));
+        }
     }
 
     fn persist_snapshot(&mut self, id: NodeId, snap: &Snapshot) {
@@ -1200,23 +1232,24 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             ));
             return;
         }
-        // State-machine safety.
+        // State-machine safety: one command per index, whatever term it carries here.
         let slot = (e.index - 1) as usize;
         if self.applied_log.len() <= slot {
             self.applied_log.resize(slot + 1, None);
         }
+        let cmd = command_digest(&e);
         let first_apply = match self.applied_log[slot] {
-            Some((t, dig)) if (t, dig) != (e.term, d) => {
+            Some((t, _, c)) if c != cmd => {
                 self.fail(format!(
-                    "state-machine safety: node {id} applied {}@{} but another node applied \
-                     {}@{t} (or different data) at that index",
-                    e.index, e.term, e.index
+                    "state-machine safety: node {id} applied a {:?} entry at index {} \
+                     (term {}) but another node applied a different command there (term {t})",
+                    e.kind, e.index, e.term
                 ));
                 return;
             }
             Some(_) => false,
             None => {
-                self.applied_log[slot] = Some((e.term, d));
+                self.applied_log[slot] = Some((e.term, d, cmd));
                 true
             }
         };
@@ -1261,7 +1294,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             }
             EntryKind::Noop => {}
             EntryKind::ConfChange => match ConfChange::decode(&e.data) {
-                Ok(cc) => apply_conf_change(&mut self.nodes[i].conf, &cc),
+                Ok(cc) => R::apply_conf_change(&mut self.nodes[i].conf, &cc),
                 Err(why) => {
                     self.fail(format!("node {id} applied undecodable conf change: {why}"));
                     return;
@@ -1369,7 +1402,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         let shadow = &self.nodes[i].shadow;
         let start = shadow.base_index + 1;
         for index in start..=self.applied_log.len() as u64 {
-            let Some((term, digest)) = self.applied_log[(index - 1) as usize] else {
+            let Some((term, digest, _)) = self.applied_log[(index - 1) as usize] else {
                 continue;
             };
             match shadow.get(index) {
