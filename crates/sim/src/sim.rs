@@ -98,6 +98,8 @@ struct Profile {
     heal_after: (u64, u64),
     conf_ppm: u32,
     transfer_ppm: u32,
+    /// Chance that a newly elected leader is cut off at once.
+    new_leader_fault_ppm: u32,
     corrupt_share_ppm: u32,
     compact_every: u64,
     clients: u32,
@@ -120,12 +122,13 @@ impl Profile {
         };
         Profile {
             n,
-            crash_ppm: rng.range(0, 12_000) as u32,
-            restart_after: (5, rng.range(10, 80)),
+            crash_ppm: rng.range(0, 30_000) as u32,
+            restart_after: (1, rng.range(5, 60)),
             partition_ppm: rng.range(0, 15_000) as u32,
             heal_after: (10, rng.range(20, 120)),
             conf_ppm: rng.range(0, 10_000) as u32,
             transfer_ppm: rng.range(0, 8_000) as u32,
+            new_leader_fault_ppm: rng.range(0, 500_000) as u32,
             corrupt_share_ppm: if disk == DiskFaults::Corrupt {
                 rng.range(300_000, 800_000) as u32
             } else {
@@ -143,8 +146,18 @@ impl Profile {
             pre_vote: rng.chance(700_000),
             heartbeat_ticks: rng.range(1, 3) as u32,
             election_ticks: rng.range(10, 16) as u32,
-            max_inflight_msgs: rng.range(1, 32) as usize,
-            max_batch_entries: rng.range(1, 32) as usize,
+            // Windows of one make replication step by step, which opens the windows that
+            // ordering bugs (e.g. committing an old-term entry) need.
+            max_inflight_msgs: if rng.chance(400_000) {
+                1
+            } else {
+                rng.range(2, 32) as usize
+            },
+            max_batch_entries: if rng.chance(400_000) {
+                1
+            } else {
+                rng.range(2, 32) as usize
+            },
         }
     }
 }
@@ -253,6 +266,9 @@ struct Node<R, S> {
     synced_hard_state: HardState,
     /// Crash at the next persist, after writing but before syncing.
     crash_in_persist: bool,
+    /// Crash at the next persist, after syncing but before sending (the work is durable
+    /// here and nowhere else, as for S5 in Figure 8 of the Raft paper).
+    crash_before_send: bool,
     /// Votes this node granted, by term/ballot (the last `MAX_GRANTS_KEPT`), across crashes.
     granted: BTreeMap<u64, NodeId>,
     /// The highest term/ballot it granted: a promise made to the world, durable or not.
@@ -327,6 +343,12 @@ pub struct Sim<R: EngineModel, S: SimStore> {
     now: u64,
     faults_on: bool,
     heal_at_tick: Option<u64>,
+    /// The current partition's two sides (a bridge node is in neither).
+    main_cut: Option<(Vec<NodeId>, Vec<NodeId>)>,
+    /// Nodes cut off from everyone, with the tick they come back (on top of `main_cut`).
+    isolated: BTreeMap<NodeId, u64>,
+    /// (node, from tick, until tick): isolations of new leaders scheduled a few ticks out.
+    pending_isolations: Vec<(NodeId, u64, u64)>,
     cycle: Option<Cycle>,
     // --- checker state ---
     leaders_by_term: BTreeMap<u64, NodeId>,
@@ -388,6 +410,9 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             now: 0,
             faults_on: true,
             heal_at_tick: None,
+            main_cut: None,
+            isolated: BTreeMap::new(),
+            pending_isolations: Vec::new(),
             cycle: None,
             leaders_by_term: BTreeMap::new(),
             chains: HashMap::new(),
@@ -420,6 +445,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 hard_state: HardState::default(),
                 synced_hard_state: HardState::default(),
                 crash_in_persist: false,
+                crash_before_send: false,
                 crash_after_vote_until: None,
                 granted: BTreeMap::new(),
                 announced_promise: 0,
@@ -532,14 +558,19 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
     fn start_liveness(&mut self) {
         self.trace(|| "liveness phase: heal everything".into());
         self.faults_on = false;
-        self.net.heal();
         self.heal_at_tick = None;
+        self.main_cut = None;
+        self.isolated.clear();
+        self.pending_isolations.clear();
+        self.apply_cuts();
         self.net.params.loss_ppm = 0;
         self.net.params.dup_ppm = 0;
         self.recovery_from = None;
         for id in 1..=self.profile.n as u64 {
             let n = &mut self.nodes[Self::idx(id)];
             n.crash_in_persist = false;
+            n.crash_before_send = false;
+            n.crash_after_vote_until = None;
             if n.replica.is_none() && !n.wiped {
                 self.restart(id);
             }
@@ -587,7 +618,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             if node.crash_after_vote_until.is_some_and(|t| tick >= t) {
                 node.crash_after_vote_until = None;
             }
-            if node.replica.is_some() && node.crash_in_persist {
+            if node.replica.is_some() && (node.crash_in_persist || node.crash_before_send) {
                 // The crash armed for "during the next persist" did not meet one: crash now.
                 self.crash(id);
             } else if node.replica.is_none() && !node.wiped && node.restart_at_tick <= tick {
@@ -598,7 +629,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         // Crashes.
         if self.rng.chance(self.profile.crash_ppm) {
             let victim = match leader {
-                Some((l, _)) if self.rng.chance(400_000) => l,
+                Some((l, _)) if self.rng.chance(500_000) => l,
                 _ => self.rng.range(1, n + 1),
             };
             if self.is_up(victim) {
@@ -622,7 +653,11 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     self.report.corrupt_injected += 1;
                     self.trace(|| format!("corrupt durable data of node {victim}"));
                 }
-                match self.rng.range(0, 3) {
+                match self.rng.range(0, 4) {
+                    2 => {
+                        self.trace(|| format!("arm crash of node {victim} before its next send"));
+                        self.nodes[Self::idx(victim)].crash_before_send = true;
+                    }
                     0 => {
                         self.trace(|| {
                             format!("arm crash of node {victim} during its next persist")
@@ -639,11 +674,32 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             }
         }
         // Partitions.
+        let before = self.isolated.len();
+        self.isolated.retain(|_, back| *back > tick);
+        let mut changed = self.isolated.len() != before;
+        let mut due = Vec::new();
+        self.pending_isolations.retain(|&(x, at, back)| {
+            if at <= tick {
+                due.push((x, back));
+            }
+            at > tick
+        });
+        for (x, back) in due {
+            if self.is_up(x) {
+                self.isolated.insert(x, back);
+                self.trace(|| format!("isolate node {x} until tick {back}"));
+                changed = true;
+            }
+        }
+        if changed {
+            self.apply_cuts();
+        }
         if let Some(at) = self.heal_at_tick {
             if tick >= at {
                 self.trace(|| "heal partition".into());
-                self.net.heal();
+                self.main_cut = None;
                 self.heal_at_tick = None;
+                self.apply_cuts();
             }
         } else if n >= 3 && self.rng.chance(self.profile.partition_ppm) {
             self.partition(leader, tick);
@@ -705,19 +761,34 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 (a.to_vec(), b.to_vec(), "random")
             }
         };
-        self.net.cut_between(&a, &b);
+        self.trace(|| format!("partition ({label}) {a:?} | {b:?}"));
+        self.main_cut = Some((a, b));
+        self.apply_cuts();
         self.report.partitions += 1;
         let heal = self
             .rng
             .range(self.profile.heal_after.0, self.profile.heal_after.1);
         self.heal_at_tick = Some(tick + heal);
-        self.trace(|| format!("partition ({label}) {a:?} | {b:?} for {heal} ticks"));
+        self.trace(|| format!("partition heals in {heal} ticks"));
+    }
+
+    /// Rebuilds the network's cut links from the partition and the isolated nodes.
+    fn apply_cuts(&mut self) {
+        self.net.heal();
+        if let Some((a, b)) = &self.main_cut {
+            self.net.cut_between(a, b);
+        }
+        let all: Vec<NodeId> = (1..=self.profile.n as u64).collect();
+        for &x in self.isolated.keys() {
+            self.net.cut_between(&[x], &all);
+        }
     }
 
     fn crash(&mut self, id: NodeId) {
         let node = &mut self.nodes[Self::idx(id)];
         node.replica = None;
         node.crash_in_persist = false;
+        node.crash_before_send = false;
         node.crash_after_vote_until = None;
         node.reads.clear();
         node.store.crash(&mut self.rng);
@@ -1044,6 +1115,11 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 let node = &mut self.nodes[i];
                 node.synced_hard_state = node.hard_state;
             }
+            if self.nodes[i].crash_before_send && wrote {
+                self.trace(|| format!("node {id} crashes after fsync, before sending"));
+                self.crash(id);
+                return;
+            }
             // 2. Send.
             let mut voted = false;
             for m in rd.messages {
@@ -1061,7 +1137,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 // durable is forgotten while the election is still running.
                 self.trace(|| format!("node {id} crashes right after voting"));
                 self.crash(id);
-                let back = self.tick_now() + self.rng.range(1, 4);
+                let back = self.tick_now() + self.rng.range(0, 2);
                 self.nodes[i].restart_at_tick = back;
                 return;
             }
@@ -1396,6 +1472,29 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         }
         self.nodes[i].leader_checked_term = st.term;
         self.trace(|| format!("node {id} leads term {}", st.term));
+        // Cutting a leader off the moment it is elected strands its first entries on it
+        // alone, the raw material of the Raft paper's Figure 8 histories.
+        if self.faults_on
+            && self.profile.n >= 3
+            && !self.isolated.contains_key(&id)
+            && self.rng.chance(self.profile.new_leader_fault_ppm)
+        {
+            // At once, or a few ticks later: after its first appends were acknowledged but
+            // perhaps before the next ones arrive.
+            let at = self.tick_now() + self.rng.range(0, 2) * self.rng.range(1, 6);
+            let back = at + self.rng.range(2, 30);
+            self.report.partitions += 1;
+            if self.recovery_from.is_none() {
+                self.recovery_from = Some((self.now, st.term));
+            }
+            if at == self.tick_now() {
+                self.isolated.insert(id, back);
+                self.apply_cuts();
+                self.trace(|| format!("isolate new leader {id} until tick {back}"));
+            } else {
+                self.pending_isolations.push((id, at, back));
+            }
+        }
         if !R::leader_completeness() {
             return;
         }
