@@ -57,3 +57,38 @@ impl EngineModel for concord_consensus::raft::Raft {
         }
     }
 }
+
+impl EngineModel for concord_consensus::paxos::Paxos {
+    const NAME: &'static str = "paxos";
+
+    fn log_matching() -> bool {
+        // Neighbouring slots may hold different ballots, and an acceptor re-writes a slot
+        // under a higher ballot without touching later ones.
+        false
+    }
+
+    fn leader_completeness() -> bool {
+        // A new leader learns chosen values in phase 1; its persisted log need not hold
+        // them when it is elected.
+        false
+    }
+
+    fn check_persist(
+        prev: &HardState,
+        entries: &[Entry],
+        new: Option<&HardState>,
+    ) -> Result<(), String> {
+        // `HardState.term` is the promised ballot. An acceptor accepts a ballot only after
+        // promising it (in the same batch at the latest), so no persisted entry carries a
+        // ballot above the promise. (Entries below it are legitimate: the engine re-writes
+        // the suffix after an overwritten slot with the ballots it was accepted in.)
+        let promise = new.map_or(prev.term, |h| h.term);
+        match entries.iter().find(|e| e.term > promise) {
+            Some(e) => Err(format!(
+                "persisted slot {} accepted in ballot {} above the promise {promise}",
+                e.index, e.term
+            )),
+            None => Ok(()),
+        }
+    }
+}
