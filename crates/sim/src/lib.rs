@@ -46,7 +46,6 @@ pub fn sweep(o: &SweepOptions, on_seed: impl FnMut(&SeedReport)) -> Result<Summa
     }
 }
 
-
 fn unknown_engine(name: &str) -> String {
     format!("unknown engine {name:?}; known: {}", ENGINES.join(", "))
 }

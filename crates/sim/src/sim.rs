@@ -1205,7 +1205,13 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         let (sm_term, d) = if R::log_matching() {
             (e.term, d)
         } else {
-            (0, entry_digest(&Entry { term: 0, ..e.clone() }))
+            (
+                0,
+                entry_digest(&Entry {
+                    term: 0,
+                    ..e.clone()
+                }),
+            )
         };
         let slot = (e.index - 1) as usize;
         if self.applied_log.len() <= slot {
