@@ -771,26 +771,22 @@ impl Paxos {
         if lead.transfer.is_some() {
             return false;
         }
-        let conf = self.conf();
-        let any_missing = conf
-            .voters
-            .iter()
-            .chain(&conf.voters_outgoing)
-            .filter(|&&n| n != self.id)
-            .any(|n| lead.peers.get(n).is_none_or(|p| p.acked_sent_at.is_none()));
-        let start = quorum::quorum_value(conf, |n| {
+        // The send tick of the newest heartbeat a quorum acknowledged, shifted by one so
+        // that 0 means "no acknowledgement" (tick 0 is a valid send time).
+        let start_plus_one = quorum::quorum_value(self.conf(), |n| {
             if n == self.id {
-                self.ticks
+                self.ticks + 1
             } else {
                 lead.peers
                     .get(&n)
                     .and_then(|p| p.acked_sent_at)
-                    .unwrap_or(0)
+                    .map_or(0, |t| t + 1)
             }
         });
-        if any_missing && start == 0 {
+        let Some(start) = start_plus_one.checked_sub(1) else {
             return false;
-        }
+        };
+        // Shorter than the `election_ticks` for which acceptors ignore other candidates.
         let len = u64::from(self.cfg.election_ticks - self.cfg.heartbeat_ticks);
         self.ticks < start + len
     }
@@ -1179,6 +1175,14 @@ impl Paxos {
             self.send_append(from);
         }
         self.release_reads();
+        // A transfer target that caught up through heartbeats alone.
+        let caught_up = self.lead.as_ref().is_some_and(|l| {
+            l.transfer.is_some_and(|(t, _)| t == from)
+                && l.peers.get(&from).is_some_and(|p| p.matched >= last)
+        });
+        if caught_up {
+            self.send(from, Message::TimeoutNow { ballot: b });
+        }
     }
 
     fn on_snapshot(
@@ -1591,13 +1595,13 @@ impl Replica for Paxos {
         let max_reads = self.cfg.max_pending_reads;
         let alone = self.conf().voters == [self.id] && self.conf().voters_outgoing.is_empty();
         let lead = self.lead.as_mut().expect("leader");
+        if lead.reads.len() + self.read_states.len() >= max_reads {
+            return Err(ProposeError::Busy);
+        }
         if stale_bug {
             // Planted bug: answer from local state without confirming leadership.
             self.read_states.push(ReadState { index: commit, ctx });
             return Ok(());
-        }
-        if lead.reads.len() >= max_reads {
-            return Err(ProposeError::Busy);
         }
         if lease && commit >= lead.recovery_max {
             self.read_states.push(ReadState { index: commit, ctx });
