@@ -879,7 +879,7 @@ impl Paxos {
                 return;
             }
         }
-        let page_from = page_from.max(commit + 1);
+        let page_from = page_from.max(commit.saturating_add(1));
         if page_from < self.log.first_index() {
             // We compacted slots the candidate has not learned; it cannot lead with our
             // promise. Refusing is always safe.
@@ -948,7 +948,7 @@ impl Paxos {
             if e.index != expect || e.term > b {
                 return; // Malformed page: ignore it, the timeout retries.
             }
-            expect += 1;
+            expect = expect.saturating_add(1);
             if e.index <= my_commit || skip {
                 // Planted bug `skip_phase1_after_ballot_change`: reported values ignored.
                 continue;
@@ -992,7 +992,7 @@ impl Paxos {
         // chosen and keep the ballot they were accepted in (a new leader does not rewrite
         // chosen slots, it only resends them to acceptors that lag).
         for (k, e) in entries.iter().enumerate() {
-            let well_formed = e.index == prev + 1 + k as u64
+            let well_formed = prev.checked_add(1 + k as u64) == Some(e.index)
                 && (e.term == b || (e.term < b && e.index <= commit));
             if !well_formed {
                 return; // Malformed: drop.
@@ -1234,8 +1234,12 @@ impl Paxos {
             Some(inc) if inc.meta == meta => inc.data.len() as u64,
             _ => 0,
         };
-        if next_offset >= total {
-            let inc = self.incoming.take().expect("incoming");
+        let complete = self
+            .incoming
+            .as_ref()
+            .is_some_and(|inc| inc.meta == meta && inc.data.len() as u64 == inc.total);
+        if complete {
+            let inc = self.incoming.take().expect("complete snapshot");
             self.install_snapshot(Snapshot {
                 meta: inc.meta,
                 data: inc.data,
