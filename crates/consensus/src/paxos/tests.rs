@@ -399,7 +399,7 @@ fn lease_guard_ignores_prepares_while_a_leader_is_alive() {
 #[test]
 fn random_garbage_never_panics() {
     let mut rng = Prng::new(7);
-    let mut pick = |rng: &mut Prng| -> u64 {
+    let pick = |rng: &mut Prng| -> u64 {
         match rng.range(0, 6) {
             0 => 0,
             1 => u64::MAX,
