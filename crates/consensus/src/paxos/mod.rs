@@ -526,17 +526,27 @@ impl Paxos {
         let Some(lead) = self.lead.as_ref() else {
             return;
         };
+        let last = self.log.last_index();
+        let matched = |n: NodeId| {
+            if n == self.id {
+                lead.self_match
+            } else {
+                lead.peers.get(&n).map_or(0, |p| p.matched)
+            }
+        };
+        if lead.pending_conf.is_none() {
+            // Fast path: one configuration governs every open slot, so the commit index is
+            // the highest slot a quorum has matched.
+            let q = quorum::quorum_value(self.conf_for(self.commit + 1), matched).min(last);
+            if q > self.commit {
+                self.commit_to(q);
+            }
+            return;
+        }
         let mut cur = self.conf_for(self.commit + 1).clone();
         let mut i = self.commit + 1;
-        let last = self.log.last_index();
         while i <= last {
-            let ok = quorum::has_quorum(&cur, |n| {
-                if n == self.id {
-                    lead.self_match >= i
-                } else {
-                    lead.peers.get(&n).is_some_and(|p| p.matched >= i)
-                }
-            });
+            let ok = quorum::has_quorum(&cur, |n| matched(n) >= i);
             if !ok {
                 break;
             }
