@@ -524,7 +524,10 @@ impl Raft {
                     pr.inflights.add(last, self.ticks);
                 }
             }
-            ProgressState::Probe => pr.paused = true,
+            ProgressState::Probe => {
+                pr.paused = true;
+                pr.sent_tick = self.ticks;
+            }
             ProgressState::Snapshot => unreachable!("can_send is false while snapshotting"),
         }
         self.send(
@@ -559,6 +562,7 @@ impl Raft {
             pr.snapshot_index = snap.meta.index;
             pr.snapshot_offset = 0;
         }
+        pr.sent_tick = self.ticks;
         let len = snap.data.len() as u64;
         let offset = pr.snapshot_offset.min(len);
         let end = (offset + self.cfg.snapshot_chunk_bytes as u64).min(len);
@@ -1138,7 +1142,13 @@ impl Raft {
                 if pr.state != ProgressState::Snapshot || pr.snapshot_index != index {
                     return;
                 }
-                pr.snapshot_offset = next_offset.min(snap_len);
+                // Each answer moves the stream by at most one chunk; a duplicate answer
+                // (same offset) must not start a second stream.
+                let next_offset = next_offset.min(snap_len);
+                if next_offset == pr.snapshot_offset {
+                    return;
+                }
+                pr.snapshot_offset = next_offset;
                 self.send_snapshot_chunk(from);
             }
             // A full queue drops the read; the follower's client times out.
@@ -1167,11 +1177,14 @@ impl Raft {
         }
         self.progress.get_mut(&from).expect("present").recent_active = true;
         if reject {
-            let stale = match state {
-                ProgressState::Probe => index + 1 != next,
-                ProgressState::Replicate => index <= matched,
-                ProgressState::Snapshot => true,
-            };
+            // A rejection of something at or below the match point is a stale or
+            // duplicated answer (the follower already acknowledged that prefix).
+            let stale = index <= matched
+                || match state {
+                    ProgressState::Probe => index + 1 != next,
+                    ProgressState::Replicate => false,
+                    ProgressState::Snapshot => true,
+                };
             if stale || index == 0 {
                 return;
             }
@@ -1241,10 +1254,16 @@ impl Raft {
         pr.read_seq_acked = pr.read_seq_acked.max(read_seq);
         let behind = pr.matched < last;
         match pr.state {
+            // Probe and Snapshot retransmit only when this heartbeat was sent after our last
+            // probe or chunk: on an ordered link its answer would have arrived first, so it
+            // was lost. Retransmitting on every answer (reads add heartbeat rounds) would
+            // multiply duplicate probes and chunk streams.
             ProgressState::Probe => {
-                pr.paused = false;
-                if behind {
-                    self.send_append(from, true);
+                if pr.sent_tick < sent_tick {
+                    pr.paused = false;
+                    if behind {
+                        self.send_append(from, true);
+                    }
                 }
             }
             ProgressState::Replicate => {
@@ -1262,8 +1281,9 @@ impl Raft {
                 self.replicate_dirty = true;
             }
             ProgressState::Snapshot => {
-                // Retransmit the chunk the follower is waiting for.
-                self.send_snapshot_chunk(from);
+                if pr.sent_tick < sent_tick {
+                    self.send_snapshot_chunk(from);
+                }
             }
         }
         self.resolve_reads();
@@ -1680,6 +1700,31 @@ impl Raft {
     pub fn log_entries(&self, lo: u64, hi: u64) -> Vec<Entry> {
         self.log
             .slice(lo.max(self.log.first_index()), hi, usize::MAX, usize::MAX)
+    }
+
+    /// A one-line dump of the leader's view of its followers (for test failures).
+    pub fn debug_progress(&self) -> String {
+        let mut out = format!(
+            "role={:?} elapsed={}/{} transferee={} pending_conf={} stable={} ",
+            self.role,
+            self.election_elapsed,
+            self.randomized_timeout,
+            self.lead_transferee,
+            self.pending_conf_index,
+            self.log.stable()
+        );
+        for (id, p) in &self.progress {
+            out.push_str(&format!(
+                "[{id}: {:?} m={} n={} paused={} infl={} active={}] ",
+                p.state,
+                p.matched,
+                p.next,
+                p.paused,
+                p.inflights.is_empty(),
+                p.recent_active
+            ));
+        }
+        out
     }
 
     /// The leader's transfer target, if a transfer is in progress.

@@ -80,6 +80,8 @@ pub struct Progress {
     pub hb_acked_tick: u64,
     /// Highest read sequence number this follower acknowledged (ReadIndex).
     pub read_seq_acked: u64,
+    /// Leader tick of the last probe or snapshot chunk sent (retransmission gate).
+    pub sent_tick: u64,
     /// Snapshot state: which snapshot, and how many bytes the follower has.
     pub snapshot_index: u64,
     pub snapshot_offset: u64,
@@ -96,6 +98,7 @@ impl Progress {
             recent_active: false,
             hb_acked_tick: 0,
             read_seq_acked: 0,
+            sent_tick: 0,
             snapshot_index: 0,
             snapshot_offset: 0,
         }
