@@ -305,3 +305,79 @@ async fn slow_reader_catches_up_from_history_in_order() {
     let expected: Vec<i64> = (2..2 + WRITES as i64).collect();
     assert_eq!(revs, expected);
 }
+
+#[tokio::test]
+async fn large_revision_is_fragmented_when_asked() {
+    let h = start().await;
+    let big = vec![b'b'; 1024 * 1024];
+    for k in ["big/1", "big/2"] {
+        h.kv()
+            .put(pb::PutRequest {
+                key: k.into(),
+                value: big.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut s = Stream::open(&h).await;
+    let whole = s
+        .create(pb::WatchCreateRequest {
+            key: "big/".into(),
+            range_end: prefix_end("big/"),
+            prev_kv: true,
+            ..Default::default()
+        })
+        .await;
+    let split = s
+        .create(pb::WatchCreateRequest {
+            key: "big/".into(),
+            range_end: prefix_end("big/"),
+            prev_kv: true,
+            fragment: true,
+            ..Default::default()
+        })
+        .await;
+    // One deletion revision whose events carry 2 MiB of previous values.
+    h.kv()
+        .delete_range(pb::DeleteRangeRequest {
+            key: "big/".into(),
+            range_end: prefix_end("big/"),
+            prev_kv: false,
+        })
+        .await
+        .unwrap();
+    let mut whole_responses = Vec::new();
+    let mut split_responses = Vec::new();
+    while whole_responses
+        .iter()
+        .map(|r: &pb::WatchResponse| r.events.len())
+        .sum::<usize>()
+        < 2
+        || split_responses
+            .iter()
+            .map(|r: &pb::WatchResponse| r.events.len())
+            .sum::<usize>()
+            < 2
+    {
+        let r = s.next().await;
+        if r.watch_id == whole {
+            whole_responses.push(r);
+        } else {
+            assert_eq!(r.watch_id, split);
+            split_responses.push(r);
+        }
+    }
+    assert_eq!(
+        whole_responses.len(),
+        1,
+        "without fragment the revision is one response"
+    );
+    assert!(!whole_responses[0].fragment);
+    assert_eq!(split_responses.len(), 2);
+    assert!(split_responses[0].fragment, "more fragments follow");
+    assert!(
+        !split_responses[1].fragment,
+        "the last fragment ends the revision"
+    );
+}
