@@ -357,6 +357,7 @@ where
         metrics,
         last_progress: Instant::now(),
         ticks: 0,
+        next_expire_scan: EXPIRE_SCAN_TICKS,
     };
     let thread = std::thread::Builder::new()
         .name(format!("group-{group}-n{}", config.id))
@@ -450,6 +451,7 @@ struct Driver<R: Replica, SM: StateMachine> {
     metrics: Arc<GroupMetrics>,
     last_progress: Instant,
     ticks: u64,
+    next_expire_scan: u64,
 }
 
 /// Ticks between scans for timed-out requests.
@@ -527,7 +529,8 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 self.submit(seq);
             }
         }
-        if self.ticks % EXPIRE_SCAN_TICKS == 0 {
+        if self.ticks >= self.next_expire_scan {
+            self.next_expire_scan = self.ticks + EXPIRE_SCAN_TICKS;
             self.expire();
         }
     }
