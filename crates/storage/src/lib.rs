@@ -80,3 +80,6 @@ pub trait LogStore {
     fn first_index(&self) -> u64;
     fn last_index(&self) -> u64;
 }
+
+pub mod mem;
+pub mod record;
