@@ -9,5 +9,6 @@
 pub mod config;
 pub mod envelope;
 pub mod group;
+pub mod kvsm;
 pub mod metrics;
 pub mod transport;
