@@ -1,1 +1,1665 @@
-//! Raft (Ongaro, "Consensus: Bridging Theory and Practice", 2014). Under construction.
+//! Raft, following Ongaro's thesis ("Consensus: Bridging Theory and Practice", 2014).
+//!
+//! The core is pure: it never sends, writes, sleeps or draws randomness of its own. See the
+//! crate docs for the `Ready`/`advance` loop. Design decisions worth knowing:
+//!
+//! - **Roles** change only in `become_follower`, `become_pre_candidate`,
+//!   `become_candidate` and `become_leader`. [`Raft::step`] applies the term rules once,
+//!   then hands the message to one function per role.
+//! - **Durability.** Messages produced while handling a step go out in the same `Ready`
+//!   as the entries/hard state they depend on, and the driver sends them only once those
+//!   are durable. The leader counts its *own* entries toward commit only after
+//!   `advance()` confirms them durable (`RaftLog::stable`).
+//! - **Membership** takes effect when a ConfChange entry is *appended* (thesis §4.1),
+//!   is rolled back if that entry is truncated, and is recomputed on restart from the
+//!   snapshot's configuration plus the ConfChange entries in the recovered log. One
+//!   change at a time: a new one is refused until the previous one commits.
+//! - **Reads.** `read_index` on a follower is forwarded to the leader it knows (or fails
+//!   with `NotLeader` when it knows none); see [`read_only`].
+//! - **Replication** to followers is flushed when `ready()` is built, so many proposals
+//!   made between two `Ready`s share one append message per follower.
+
+mod conf;
+mod log;
+pub mod msg;
+mod progress;
+mod quorum;
+mod read_only;
+
+use crate::{
+    ConfChange, ConfState, Config, ConfigError, DecodeError, Entry, EntryKind, HardState, NodeId,
+    Outgoing, Prng, ProposeError, ReadMode, ReadState, Ready, Recovered, Replica, Role, Snapshot,
+    SnapshotMeta, Status, NO_NODE,
+};
+use conf::ConfHistory;
+use log::RaftLog;
+pub use msg::{Body, Message};
+use progress::{Progress, ProgressState};
+use quorum::VoteResult;
+use read_only::ReadOnly;
+use std::collections::BTreeMap;
+
+/// Most committed entries handed out in one `Ready`; the rest follow in the next one.
+pub const MAX_COMMITTED_PER_READY: usize = 4096;
+/// Largest snapshot a follower will assemble from chunks (a bound on memory).
+pub const MAX_SNAPSHOT_BYTES: usize = 4 << 30;
+
+/// Bugs that can be planted for the simulator to catch (see [`Config::inject_bug`]).
+pub const KNOWN_BUGS: &[&str] = &[
+    "commit_old_term",
+    "vote_without_persist",
+    "lease_without_check_quorum",
+    "skip_log_up_to_date_check",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bug {
+    /// Counts replicas of entries from earlier terms toward commit (breaks Figure 8).
+    CommitOldTerm,
+    /// Grants a vote without putting it in `Ready::hard_state`: a crash forgets it and the
+    /// node can vote twice in one term.
+    VoteWithoutPersist,
+    /// Serves lease reads although the lease is never checked and the leader never steps
+    /// down for lack of a quorum.
+    LeaseWithoutCheckQuorum,
+    /// Grants (pre-)votes without the §5.4.1 up-to-date check.
+    SkipLogUpToDateCheck,
+}
+
+impl Bug {
+    fn parse(name: &str) -> Option<Bug> {
+        Some(match name {
+            "commit_old_term" => Bug::CommitOldTerm,
+            "vote_without_persist" => Bug::VoteWithoutPersist,
+            "lease_without_check_quorum" => Bug::LeaseWithoutCheckQuorum,
+            "skip_log_up_to_date_check" => Bug::SkipLogUpToDateCheck,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StateRole {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+/// A snapshot being assembled from chunks on a follower.
+#[derive(Clone, Debug)]
+struct IncomingSnapshot {
+    term: u64,
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// A Raft replica. See the module docs.
+pub struct Raft {
+    cfg: Config,
+    id: NodeId,
+    bug: Option<Bug>,
+    prng: Prng,
+
+    // Persistent state (thesis Figure 3.1), plus the log.
+    term: u64,
+    vote: NodeId,
+    log: RaftLog,
+    commit: u64,
+
+    role: StateRole,
+    leader: NodeId,
+    /// Ticks since the last election timeout reset (on a leader: since the last
+    /// check-quorum round).
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    /// This round's election timeout, in `[election_ticks, 2 * election_ticks)`.
+    randomized_timeout: u32,
+    /// After a restart we do not know whether we promised a leader not to vote for others
+    /// (its lease relies on it), so with check_quorum we act as if we had just heard from a
+    /// leader for one election timeout.
+    lease_guard: bool,
+    /// Ticks since creation: the leader's lease clock.
+    ticks: u64,
+    votes: BTreeMap<NodeId, bool>,
+
+    conf: ConfHistory,
+    /// Leader: the other nodes' progress.
+    progress: BTreeMap<NodeId, Progress>,
+    /// Index of the last ConfChange entry appended (leader); a new change waits for it
+    /// to commit.
+    pending_conf_index: u64,
+    /// Leader: payload bytes proposed in this term and not yet committed.
+    uncommitted_bytes: usize,
+    /// Leader: the index of this term's no-op.
+    term_start_index: u64,
+    lead_transferee: NodeId,
+    transfer_elapsed: u32,
+    reads: ReadOnly,
+    /// Follower: reads forwarded to the leader and not yet answered.
+    forwarded_reads: usize,
+
+    /// The newest snapshot, kept to send to lagging followers.
+    snapshot: Option<Snapshot>,
+    incoming: Option<IncomingSnapshot>,
+    /// A snapshot to hand to the driver in the next `Ready`.
+    pending_snapshot: Option<Snapshot>,
+
+    msgs: Vec<Outgoing<Message>>,
+    read_states: Vec<ReadState>,
+    /// The hard state last handed out (or recovered).
+    prev_hs: HardState,
+    applied: u64,
+    /// Last index handed out in `Ready::committed`.
+    applying: u64,
+    ready_outstanding: bool,
+    /// Leader: appends may be due (new entries, acks, or a commit to announce).
+    replicate_dirty: bool,
+    commit_dirty: bool,
+    /// vote_without_persist bug: the vote is hidden from `Ready::hard_state`.
+    bug_hide_vote: bool,
+}
+
+impl Raft {
+    fn bug(&self, b: Bug) -> bool {
+        self.bug == Some(b)
+    }
+
+    fn conf_state(&self) -> &ConfState {
+        self.conf.current()
+    }
+
+    fn promotable(&self) -> bool {
+        self.conf_state().is_voter(self.id)
+    }
+
+    fn e(&self) -> u32 {
+        self.cfg.election_ticks
+    }
+
+    fn send(&mut self, to: NodeId, body: Body) {
+        debug_assert_ne!(to, self.id);
+        self.msgs.push(Outgoing {
+            to,
+            msg: Message {
+                term: self.term,
+                body,
+            },
+        });
+    }
+
+    fn set_term(&mut self, term: u64) {
+        assert!(
+            term >= self.term,
+            "term must never decrease ({} -> {term})",
+            self.term
+        );
+        if term > self.term {
+            self.term = term;
+            self.vote = NO_NODE;
+            self.bug_hide_vote = false;
+        }
+    }
+
+    fn reset_timers(&mut self) {
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let e = u64::from(self.e());
+        self.randomized_timeout = self.prng.range(e, 2 * e) as u32;
+    }
+
+    /// Common reset on every role change.
+    fn reset(&mut self, term: u64) {
+        self.set_term(term);
+        self.reset_timers();
+        self.votes.clear();
+        self.progress.clear();
+        self.lead_transferee = NO_NODE;
+        self.transfer_elapsed = 0;
+        self.reads.clear();
+        self.forwarded_reads = 0;
+        self.replicate_dirty = false;
+        self.commit_dirty = false;
+    }
+
+    // ----- role changes -----------------------------------------------------------------
+
+    fn become_follower(&mut self, term: u64, leader: NodeId) {
+        self.reset(term);
+        self.role = StateRole::Follower;
+        self.leader = leader;
+    }
+
+    fn become_pre_candidate(&mut self) {
+        assert_ne!(
+            self.role,
+            StateRole::Leader,
+            "a leader does not pre-campaign"
+        );
+        // Pre-vote (thesis §9.6) leaves term and vote alone: a partitioned node that keeps
+        // failing pre-votes never inflates its term and so cannot disrupt the cluster when
+        // it rejoins.
+        let term = self.term;
+        self.reset(term);
+        self.role = StateRole::PreCandidate;
+        self.leader = NO_NODE;
+        self.votes.insert(self.id, true);
+        if self.poll() == VoteResult::Won {
+            self.become_candidate(false);
+            return;
+        }
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        for to in self.voters_except_self() {
+            self.msgs.push(Outgoing {
+                to,
+                msg: Message {
+                    term: self.term + 1,
+                    body: Body::PreVote {
+                        last_index,
+                        last_term,
+                    },
+                },
+            });
+        }
+    }
+
+    fn become_candidate(&mut self, transfer: bool) {
+        assert_ne!(self.role, StateRole::Leader, "a leader does not campaign");
+        let term = self.term + 1;
+        self.reset(term);
+        self.role = StateRole::Candidate;
+        self.leader = NO_NODE;
+        self.vote = self.id;
+        self.votes.insert(self.id, true);
+        if self.poll() == VoteResult::Won {
+            self.become_leader();
+            return;
+        }
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        for to in self.voters_except_self() {
+            self.send(
+                to,
+                Body::Vote {
+                    last_index,
+                    last_term,
+                    transfer,
+                },
+            );
+        }
+    }
+
+    fn become_leader(&mut self) {
+        assert_eq!(
+            self.role,
+            StateRole::Candidate,
+            "only a candidate becomes leader"
+        );
+        let term = self.term;
+        self.reset(term);
+        self.role = StateRole::Leader;
+        self.leader = self.id;
+        let next = self.log.last_index() + 1;
+        for id in self.conf_state().all_nodes() {
+            if id != self.id {
+                self.progress
+                    .insert(id, Progress::new(next, self.cfg.max_inflight_msgs));
+            }
+        }
+        // Any ConfChange still uncommitted in our log is already in effect (on append);
+        // no new change until everything up to here, including the no-op, commits.
+        self.pending_conf_index = self.log.last_index();
+        self.uncommitted_bytes = 0;
+        // §8 / thesis §6.4: a no-op of our own term lets us commit (and learn) everything
+        // before it and is a prerequisite for serving reads.
+        self.append_entry(EntryKind::Noop, Vec::new());
+        self.term_start_index = self.log.last_index();
+        self.pending_conf_index = self.term_start_index;
+        self.replicate_dirty = true;
+    }
+
+    fn voters_except_self(&self) -> Vec<NodeId> {
+        let c = self.conf_state();
+        let mut v: Vec<NodeId> = c
+            .voters
+            .iter()
+            .chain(&c.voters_outgoing)
+            .copied()
+            .filter(|&id| id != self.id)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn poll(&self) -> VoteResult {
+        quorum::joint_vote(self.conf_state(), &self.votes)
+    }
+
+    fn campaign(&mut self) {
+        if !self.promotable() {
+            return;
+        }
+        if self.cfg.pre_vote {
+            self.become_pre_candidate();
+        } else {
+            self.become_candidate(false);
+        }
+    }
+
+    // ----- log and membership -----------------------------------------------------------
+
+    /// Leader: appends a new entry of the current term.
+    fn append_entry(&mut self, kind: EntryKind, data: Vec<u8>) {
+        let e = Entry {
+            index: self.log.last_index() + 1,
+            term: self.term,
+            kind,
+            data,
+        };
+        if kind == EntryKind::ConfChange {
+            self.pending_conf_index = e.index;
+        }
+        self.on_appended(&e);
+        self.log.append(e);
+        self.replicate_dirty = true;
+    }
+
+    /// Applies a ConfChange entry's configuration as it is appended (thesis §4.1).
+    fn on_appended(&mut self, e: &Entry) {
+        if e.kind != EntryKind::ConfChange {
+            return;
+        }
+        let Ok(cc) = ConfChange::decode(&e.data) else {
+            return; // Applies as nothing on every replica alike.
+        };
+        let Ok(next) = conf::apply_change(self.conf_state(), &cc) else {
+            return;
+        };
+        self.conf.push(e.index, next);
+        self.on_conf_changed();
+    }
+
+    /// Keeps leader bookkeeping in line with the configuration now in effect.
+    fn on_conf_changed(&mut self) {
+        if self.role != StateRole::Leader {
+            return;
+        }
+        let all = self.conf_state().all_nodes();
+        self.progress.retain(|id, _| all.contains(id));
+        let next = self.log.last_index() + 1;
+        for id in all {
+            if id != self.id && !self.progress.contains_key(&id) {
+                self.progress
+                    .insert(id, Progress::new(next, self.cfg.max_inflight_msgs));
+            }
+        }
+        if self.lead_transferee != NO_NODE && !self.conf_state().is_voter(self.lead_transferee) {
+            self.lead_transferee = NO_NODE;
+        }
+    }
+
+    fn truncate_from(&mut self, index: u64) {
+        assert!(index > self.commit, "never truncate committed entries");
+        self.log.truncate_from(index);
+        let before = self.conf.current_index();
+        self.conf.truncate_from(index);
+        if self.conf.current_index() != before {
+            self.on_conf_changed();
+        }
+    }
+
+    fn commit_to(&mut self, index: u64) {
+        if index <= self.commit {
+            return;
+        }
+        assert!(index <= self.log.last_index(), "commit beyond the log");
+        self.commit = index;
+    }
+
+    /// Leader: advances commit to what a (joint) majority holds durably, counting only
+    /// entries of the current term (thesis §3.6.2, Figure 3.7).
+    fn maybe_commit(&mut self) -> bool {
+        if self.role != StateRole::Leader {
+            return false;
+        }
+        let own = self.log.stable();
+        let mci = {
+            let progress = &self.progress;
+            let id = self.id;
+            quorum::joint_value(self.conf_state(), |v| {
+                if v == id {
+                    own
+                } else {
+                    progress.get(&v).map_or(0, |p| p.matched)
+                }
+            })
+        };
+        if mci == u64::MAX || mci <= self.commit {
+            return false;
+        }
+        if self.log.term(mci) != Some(self.term) && !self.bug(Bug::CommitOldTerm) {
+            return false;
+        }
+        let old = self.commit;
+        self.commit_to(mci);
+        // Release the uncommitted-bytes budget of this term's newly committed entries.
+        for i in (old + 1).max(self.term_start_index + 1)..=self.commit {
+            if let Some(e) = self.log.entry(i) {
+                self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(e.data.len());
+            }
+        }
+        self.commit_dirty = true;
+        self.replicate_dirty = true;
+        self.after_commit_leader();
+        true
+    }
+
+    fn after_commit_leader(&mut self) {
+        // Thesis §4.3: once C_old,new commits the leader moves on to C_new by itself.
+        if self.conf_state().is_joint() && self.commit >= self.pending_conf_index {
+            self.append_entry(
+                EntryKind::ConfChange,
+                ConfChange { changes: vec![] }.encode(),
+            );
+        }
+        self.resolve_reads();
+        // Thesis §4.2.2: a leader that is not part of the new configuration steps down
+        // once the entry that removed it has committed.
+        if !self.promotable() && self.commit >= self.pending_conf_index {
+            let term = self.term;
+            self.become_follower(term, NO_NODE);
+        }
+    }
+
+    // ----- sending -----------------------------------------------------------------------
+
+    /// Sends one append (or starts a snapshot) to `to` if its progress allows.
+    /// Returns true if something was sent.
+    fn send_append(&mut self, to: NodeId, allow_empty: bool) -> bool {
+        let Some(pr) = self.progress.get(&to) else {
+            return false;
+        };
+        if !pr.can_send() {
+            return false;
+        }
+        let prev_index = pr.next - 1;
+        let Some(prev_term) = self.log.term(prev_index) else {
+            return self.start_snapshot(to);
+        };
+        let entries = self.log.slice(
+            pr.next,
+            self.log.last_index(),
+            self.cfg.max_batch_entries,
+            self.cfg.max_batch_bytes,
+        );
+        if entries.is_empty() && !allow_empty {
+            return false;
+        }
+        let last = entries.last().map(|e| e.index);
+        let commit = self.commit;
+        let pr = self.progress.get_mut(&to).expect("checked above");
+        match pr.state {
+            ProgressState::Replicate => {
+                if let Some(last) = last {
+                    pr.next = last + 1;
+                    pr.inflights.add(last);
+                }
+            }
+            ProgressState::Probe => pr.paused = true,
+            ProgressState::Snapshot => unreachable!("can_send is false while snapshotting"),
+        }
+        self.send(
+            to,
+            Body::Append {
+                prev_index,
+                prev_term,
+                entries,
+                commit,
+            },
+        );
+        true
+    }
+
+    fn start_snapshot(&mut self, to: NodeId) -> bool {
+        let Some(index) = self.snapshot.as_ref().map(|s| s.meta.index) else {
+            return false; // Nothing to send yet; cannot happen once compaction ran.
+        };
+        if let Some(pr) = self.progress.get_mut(&to) {
+            pr.become_snapshot(index);
+        }
+        self.send_snapshot_chunk(to);
+        true
+    }
+
+    fn send_snapshot_chunk(&mut self, to: NodeId) {
+        let (Some(snap), Some(pr)) = (self.snapshot.as_ref(), self.progress.get_mut(&to)) else {
+            return;
+        };
+        if pr.snapshot_index != snap.meta.index {
+            // A newer snapshot replaced the one being sent: start over with it.
+            pr.snapshot_index = snap.meta.index;
+            pr.snapshot_offset = 0;
+        }
+        let len = snap.data.len() as u64;
+        let offset = pr.snapshot_offset.min(len);
+        let end = (offset + self.cfg.snapshot_chunk_bytes as u64).min(len);
+        let body = Body::Snapshot {
+            meta: snap.meta.clone(),
+            offset,
+            data: snap.data[offset as usize..end as usize].to_vec(),
+            done: end == len,
+        };
+        self.send(to, body);
+    }
+
+    /// Sends whatever each follower's window allows. Called when a `Ready` is built, so
+    /// proposals made since the last one are batched into as few messages as possible.
+    fn flush_replication(&mut self) {
+        if !self.replicate_dirty {
+            return;
+        }
+        self.replicate_dirty = false;
+        let commit_dirty = std::mem::take(&mut self.commit_dirty);
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for to in peers {
+            let mut sent = false;
+            // Bounded: each send either fills one inflight slot or pauses a probe.
+            for _ in 0..=self.cfg.max_inflight_msgs {
+                if !self.send_append(to, false) {
+                    break;
+                }
+                sent = true;
+            }
+            let replicate = self
+                .progress
+                .get(&to)
+                .is_some_and(|p| p.state == ProgressState::Replicate);
+            let idle = self
+                .progress
+                .get(&to)
+                .is_some_and(|p| p.inflights.is_empty());
+            // Only when nothing is in flight: an empty append racing ahead of in-flight
+            // entries would be rejected and knock the follower back to probing.
+            if commit_dirty && !sent && replicate && idle {
+                // Nothing new to send, but the follower should learn the commit index.
+                self.send_append(to, true);
+            }
+        }
+    }
+
+    fn broadcast_heartbeat(&mut self, read_seq: u64) {
+        let peers: Vec<(NodeId, u64)> = self
+            .progress
+            .iter()
+            .map(|(&id, p)| (id, p.matched))
+            .collect();
+        for (to, matched) in peers {
+            let commit = self.commit.min(matched);
+            let sent_tick = self.ticks;
+            self.send(
+                to,
+                Body::Heartbeat {
+                    commit,
+                    read_seq,
+                    sent_tick,
+                },
+            );
+        }
+    }
+
+    // ----- reads -------------------------------------------------------------------------
+
+    fn committed_in_term(&self) -> bool {
+        self.log.term(self.commit) == Some(self.term)
+    }
+
+    /// The lease (thesis §6.4.1): followers that acknowledged a heartbeat sent at leader
+    /// tick `t` will not vote for anyone else before their election timeout elapses, so no
+    /// other leader can exist before `t + election_ticks`. We stop one tick short to
+    /// absorb the phase difference between the leader's and the followers' ticks.
+    fn lease_valid(&self) -> bool {
+        if self.bug(Bug::LeaseWithoutCheckQuorum) {
+            return true;
+        }
+        if self.cfg.read_mode != ReadMode::Lease || !self.cfg.check_quorum {
+            return false;
+        }
+        let (id, ticks, progress) = (self.id, self.ticks, &self.progress);
+        let start = quorum::joint_value(self.conf_state(), |v| {
+            if v == id {
+                ticks
+            } else {
+                progress.get(&v).map_or(0, |p| p.hb_acked_tick)
+            }
+        });
+        start > 0 && ticks.saturating_sub(start) < u64::from(self.e() - 1)
+    }
+
+    fn lease_read_ok(&self) -> bool {
+        (self.cfg.read_mode == ReadMode::Lease || self.bug(Bug::LeaseWithoutCheckQuorum))
+            && self.committed_in_term()
+            && self.lease_valid()
+    }
+
+    fn answer_read(&mut self, from: NodeId, ctx: Vec<u8>) {
+        let index = self.commit;
+        if from == self.id {
+            self.read_states.push(ReadState { index, ctx });
+        } else {
+            self.send(from, Body::ReadIndexResp { index, ctx });
+        }
+    }
+
+    /// Answers every read a quorum has confirmed, once we have committed in our term.
+    fn resolve_reads(&mut self) {
+        if self.role != StateRole::Leader || !self.committed_in_term() {
+            return;
+        }
+        let (id, progress) = (self.id, &self.progress);
+        let acked = quorum::joint_value(self.conf_state(), |v| {
+            if v == id {
+                u64::MAX
+            } else {
+                progress.get(&v).map_or(0, |p| p.read_seq_acked)
+            }
+        });
+        for r in self.reads.confirm(acked) {
+            self.answer_read(r.from, r.ctx);
+        }
+    }
+
+    fn leader_read(&mut self, from: NodeId, ctx: Vec<u8>) -> Result<(), ProposeError> {
+        if self.lease_read_ok() {
+            self.answer_read(from, ctx);
+            return Ok(());
+        }
+        if self.reads.push(ctx, from).is_none() {
+            return Err(ProposeError::Busy);
+        }
+        self.resolve_reads(); // A single-voter group confirms immediately.
+        Ok(())
+    }
+
+    // ----- step --------------------------------------------------------------------------
+
+    /// Whether we promised a leader (by hearing from it within an election timeout) not to
+    /// support anyone else yet (thesis §4.2.3, §9.6).
+    fn in_lease(&self, pre_vote: bool) -> bool {
+        let heard = self.leader != NO_NODE || (self.lease_guard && self.cfg.check_quorum);
+        (self.cfg.check_quorum || pre_vote) && heard && self.election_elapsed < self.e()
+    }
+
+    fn step_inner(&mut self, from: NodeId, m: Message) {
+        if from == NO_NODE || from == self.id {
+            return;
+        }
+        let known = self.conf_state().all_nodes().contains(&from);
+        let from_leader = matches!(
+            m.body,
+            Body::Append { .. } | Body::Heartbeat { .. } | Body::Snapshot { .. } | Body::TimeoutNow
+        );
+        // A node we do not know of may still be a leader whose configuration includes us
+        // (we may not have that ConfChange yet, or we are new and empty); anything else
+        // from a stranger is ignored.
+        if !known && !from_leader {
+            return;
+        }
+
+        // The term rules, once, for every message (thesis Figure 3.1).
+        if m.term > self.term {
+            match &m.body {
+                Body::Vote { transfer, .. } => {
+                    if !transfer && self.in_lease(false) {
+                        return;
+                    }
+                    self.become_follower(m.term, NO_NODE);
+                }
+                Body::PreVote { .. } => {
+                    if self.in_lease(true) {
+                        return;
+                    }
+                    // A pre-vote never changes our term.
+                }
+                Body::PreVoteResp { reject: false } => {
+                    // A grant carries the term we would campaign in; not a newer term.
+                }
+                Body::Append { .. } | Body::Heartbeat { .. } | Body::Snapshot { .. } => {
+                    self.become_follower(m.term, from);
+                }
+                _ => self.become_follower(m.term, NO_NODE),
+            }
+        } else if m.term < self.term {
+            match m.body {
+                Body::Append { .. } | Body::Heartbeat { .. }
+                    if self.cfg.check_quorum || self.cfg.pre_vote =>
+                {
+                    // A stale leader (e.g. back from a partition) must learn our term,
+                    // otherwise with pre-vote nobody ever tells it and it never steps down.
+                    self.send(
+                        from,
+                        Body::AppendResp {
+                            index: 0,
+                            reject: true,
+                            hint_index: 0,
+                            hint_term: 0,
+                        },
+                    );
+                }
+                Body::PreVote { .. } => self.send(from, Body::PreVoteResp { reject: true }),
+                _ => {}
+            }
+            return;
+        }
+
+        match m.body {
+            Body::Vote {
+                last_index,
+                last_term,
+                ..
+            } => self.handle_vote(from, m.term, last_index, last_term, false),
+            Body::PreVote {
+                last_index,
+                last_term,
+            } => self.handle_vote(from, m.term, last_index, last_term, true),
+            body => match self.role {
+                StateRole::Leader => self.step_leader(from, body),
+                StateRole::Candidate | StateRole::PreCandidate => {
+                    self.step_candidate(from, m.term, body)
+                }
+                StateRole::Follower => self.step_follower(from, body),
+            },
+        }
+    }
+
+    fn handle_vote(&mut self, from: NodeId, term: u64, last_index: u64, last_term: u64, pre: bool) {
+        if !self.promotable() {
+            return; // Learners and removed nodes do not vote.
+        }
+        let can_vote = self.vote == from
+            || (self.vote == NO_NODE && self.leader == NO_NODE)
+            || (pre && term > self.term);
+        let up_to_date =
+            self.log.is_up_to_date(last_index, last_term) || self.bug(Bug::SkipLogUpToDateCheck);
+        let grant = can_vote && up_to_date;
+        if pre {
+            // A grant echoes the pre-vote's term; a refusal carries ours.
+            let t = if grant { term } else { self.term };
+            self.msgs.push(Outgoing {
+                to: from,
+                msg: Message {
+                    term: t,
+                    body: Body::PreVoteResp { reject: !grant },
+                },
+            });
+            return;
+        }
+        if grant {
+            self.vote = from;
+            self.election_elapsed = 0;
+            if self.bug(Bug::VoteWithoutPersist) {
+                self.bug_hide_vote = true;
+            }
+        }
+        self.send(from, Body::VoteResp { reject: !grant });
+    }
+
+    fn step_candidate(&mut self, from: NodeId, msg_term: u64, body: Body) {
+        match body {
+            Body::Append { .. } | Body::Heartbeat { .. } | Body::Snapshot { .. } => {
+                // Someone won this term: follow it.
+                self.become_follower(msg_term, from);
+                self.step_follower(from, body);
+            }
+            Body::PreVoteResp { reject } if self.role == StateRole::PreCandidate => {
+                self.votes.insert(from, !reject);
+                match self.poll() {
+                    VoteResult::Won => self.become_candidate(false),
+                    VoteResult::Lost => {
+                        let term = self.term;
+                        self.become_follower(term, NO_NODE);
+                    }
+                    VoteResult::Pending => {}
+                }
+            }
+            Body::VoteResp { reject } if self.role == StateRole::Candidate => {
+                self.votes.insert(from, !reject);
+                match self.poll() {
+                    VoteResult::Won => self.become_leader(),
+                    VoteResult::Lost => {
+                        let term = self.term;
+                        self.become_follower(term, NO_NODE);
+                    }
+                    VoteResult::Pending => {}
+                }
+            }
+            Body::TimeoutNow => self.on_timeout_now(),
+            _ => {}
+        }
+    }
+
+    fn on_timeout_now(&mut self) {
+        if self.promotable() && self.role != StateRole::Leader {
+            self.become_candidate(true);
+        }
+    }
+
+    fn step_follower(&mut self, from: NodeId, body: Body) {
+        match body {
+            Body::Append {
+                prev_index,
+                prev_term,
+                entries,
+                commit,
+            } => {
+                self.election_elapsed = 0;
+                self.leader = from;
+                self.handle_append(from, prev_index, prev_term, entries, commit);
+            }
+            Body::Heartbeat {
+                commit,
+                read_seq,
+                sent_tick,
+            } => {
+                self.election_elapsed = 0;
+                self.leader = from;
+                // The leader caps `commit` at our match index, so this never commits an
+                // entry we hold that differs from the leader's.
+                let c = commit.min(self.log.last_index());
+                self.commit_to(c);
+                self.send(
+                    from,
+                    Body::HeartbeatResp {
+                        read_seq,
+                        sent_tick,
+                    },
+                );
+            }
+            Body::Snapshot {
+                meta,
+                offset,
+                data,
+                done,
+            } => {
+                self.election_elapsed = 0;
+                self.leader = from;
+                self.handle_snapshot_chunk(from, meta, offset, data, done);
+            }
+            Body::TimeoutNow => self.on_timeout_now(),
+            Body::ReadIndexResp { index, ctx } => {
+                self.forwarded_reads = self.forwarded_reads.saturating_sub(1);
+                self.read_states.push(ReadState { index, ctx });
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_append(
+        &mut self,
+        from: NodeId,
+        mut prev_index: u64,
+        mut prev_term: u64,
+        mut entries: Vec<Entry>,
+        leader_commit: u64,
+    ) {
+        // Reject malformed batches outright: indices must follow prev_index and terms may
+        // not exceed the leader's term or go backwards.
+        if prev_index.checked_add(entries.len() as u64 + 1).is_none() {
+            return; // Indices this large cannot come from a real log.
+        }
+        let mut t = prev_term;
+        for (e, expect) in entries.iter().zip(prev_index + 1..) {
+            if e.index != expect || e.term < t || e.term > self.term {
+                return;
+            }
+            t = e.term;
+        }
+        if prev_index < self.commit {
+            // Everything up to our commit index already matches the leader (Leader
+            // Completeness); skip that prefix.
+            entries.retain(|e| e.index > self.commit);
+            prev_index = self.commit;
+            prev_term = self
+                .log
+                .term(self.commit)
+                .expect("commit is in the log or snapshot");
+            if let Some(first) = entries.first() {
+                if first.index != prev_index + 1 {
+                    return;
+                }
+            }
+        }
+        match self.log.term(prev_index) {
+            None => {
+                let hint_index = self.log.last_index() + 1;
+                self.send(
+                    from,
+                    Body::AppendResp {
+                        index: prev_index,
+                        reject: true,
+                        hint_index,
+                        hint_term: 0,
+                    },
+                );
+                return;
+            }
+            Some(t) if t != prev_term => {
+                let hint_index = self.log.first_index_of_term_at(prev_index);
+                self.send(
+                    from,
+                    Body::AppendResp {
+                        index: prev_index,
+                        reject: true,
+                        hint_index,
+                        hint_term: t,
+                    },
+                );
+                return;
+            }
+            Some(_) => {}
+        }
+        // Find the first entry we do not already hold.
+        let mut start = entries.len();
+        for (i, e) in entries.iter().enumerate() {
+            match self.log.term(e.index) {
+                Some(t) if t == e.term => continue,
+                Some(_) => {
+                    if e.index <= self.commit {
+                        // A correct leader never contradicts a committed entry; ignore
+                        // the message rather than lose committed data.
+                        return;
+                    }
+                    self.truncate_from(e.index);
+                    start = i;
+                    break;
+                }
+                None => {
+                    start = i;
+                    break;
+                }
+            }
+        }
+        let last_new = prev_index + entries.len() as u64;
+        for e in entries.into_iter().skip(start) {
+            self.on_appended(&e);
+            self.log.append(e);
+        }
+        self.commit_to(leader_commit.min(last_new));
+        self.send(
+            from,
+            Body::AppendResp {
+                index: last_new,
+                reject: false,
+                hint_index: 0,
+                hint_term: 0,
+            },
+        );
+    }
+
+    fn handle_snapshot_chunk(
+        &mut self,
+        from: NodeId,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: Vec<u8>,
+        done: bool,
+    ) {
+        if meta.index <= self.commit {
+            // We already have all of it: tell the leader where we are.
+            self.incoming = None;
+            let index = self.commit;
+            self.send(
+                from,
+                Body::AppendResp {
+                    index,
+                    reject: false,
+                    hint_index: 0,
+                    hint_term: 0,
+                },
+            );
+            return;
+        }
+        if meta.index == 0 || meta.term > self.term || meta.conf.voters.is_empty() {
+            return; // Not a snapshot any leader could have produced.
+        }
+        let term = self.term;
+        let matches = self
+            .incoming
+            .as_ref()
+            .is_some_and(|s| s.term == term && s.meta == meta && s.data.len() as u64 == offset);
+        if offset == 0 {
+            self.incoming = Some(IncomingSnapshot {
+                term,
+                meta: meta.clone(),
+                data: Vec::new(),
+            });
+        } else if !matches {
+            let next_offset = self
+                .incoming
+                .as_ref()
+                .filter(|s| s.term == term && s.meta == meta)
+                .map_or(0, |s| s.data.len() as u64);
+            self.send(
+                from,
+                Body::SnapshotResp {
+                    index: meta.index,
+                    next_offset,
+                },
+            );
+            return;
+        }
+        let inc = self.incoming.as_mut().expect("set above");
+        if inc.data.len() + data.len() > MAX_SNAPSHOT_BYTES {
+            self.incoming = None;
+            return;
+        }
+        inc.data.extend_from_slice(&data);
+        if !done {
+            let next_offset = inc.data.len() as u64;
+            self.send(
+                from,
+                Body::SnapshotResp {
+                    index: meta.index,
+                    next_offset,
+                },
+            );
+            return;
+        }
+        let inc = self.incoming.take().expect("set above");
+        self.restore(Snapshot {
+            meta: inc.meta,
+            data: inc.data,
+        });
+        let index = self.commit;
+        self.send(
+            from,
+            Body::AppendResp {
+                index,
+                reject: false,
+                hint_index: 0,
+                hint_term: 0,
+            },
+        );
+    }
+
+    /// Installs a snapshot received from the leader (thesis §5.3).
+    fn restore(&mut self, snap: Snapshot) {
+        let meta = &snap.meta;
+        assert!(meta.index > self.commit);
+        if self.log.term(meta.index) == Some(meta.term) {
+            // Our log already holds the snapshot's last entry: keep the log, just commit.
+            self.commit_to(meta.index);
+            return;
+        }
+        self.log.restore(meta.index, meta.term);
+        self.conf.reset(meta.conf.clone());
+        self.commit = meta.index;
+        self.applying = self.applying.max(meta.index);
+        self.snapshot = Some(snap.clone());
+        self.pending_snapshot = Some(snap);
+    }
+
+    fn step_leader(&mut self, from: NodeId, body: Body) {
+        match body {
+            Body::AppendResp {
+                index,
+                reject,
+                hint_index,
+                hint_term,
+            } => self.handle_append_resp(from, index, reject, hint_index, hint_term),
+            Body::HeartbeatResp {
+                read_seq,
+                sent_tick,
+            } => self.handle_heartbeat_resp(from, read_seq, sent_tick),
+            Body::SnapshotResp { index, next_offset } => {
+                let snap_len = self.snapshot.as_ref().map_or(0, |s| s.data.len() as u64);
+                let Some(pr) = self.progress.get_mut(&from) else {
+                    return;
+                };
+                pr.recent_active = true;
+                if pr.state != ProgressState::Snapshot || pr.snapshot_index != index {
+                    return;
+                }
+                pr.snapshot_offset = next_offset.min(snap_len);
+                self.send_snapshot_chunk(from);
+            }
+            // A full queue drops the read; the follower's client times out.
+            Body::ReadIndex { ctx } if self.progress.contains_key(&from) => {
+                let _ = self.leader_read(from, ctx);
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_append_resp(
+        &mut self,
+        from: NodeId,
+        index: u64,
+        reject: bool,
+        hint_index: u64,
+        hint_term: u64,
+    ) {
+        let last = self.log.last_index();
+        let Some(pr) = self.progress.get(&from) else {
+            return;
+        };
+        let (state, matched, next) = (pr.state, pr.matched, pr.next);
+        if index > last {
+            return; // Acknowledges something we never sent: invalid.
+        }
+        self.progress.get_mut(&from).expect("present").recent_active = true;
+        if reject {
+            let stale = match state {
+                ProgressState::Probe => index + 1 != next,
+                ProgressState::Replicate => index <= matched,
+                ProgressState::Snapshot => true,
+            };
+            if stale || index == 0 {
+                return;
+            }
+            // Fast back-tracking (thesis §5.3 note): skip the follower's whole
+            // conflicting term, or jump to its end if its log is short.
+            let mut new_next = hint_index;
+            if hint_term != 0 {
+                let mut j = index.min(last);
+                while j > self.log.snapshot_index()
+                    && self.log.term(j).is_some_and(|t| t > hint_term)
+                {
+                    j -= 1;
+                }
+                if self.log.term(j) == Some(hint_term) {
+                    new_next = j + 1;
+                }
+            }
+            let new_next = new_next.clamp(matched + 1, index);
+            self.progress
+                .get_mut(&from)
+                .expect("present")
+                .become_probe(new_next);
+            self.replicate_dirty = true;
+            return;
+        }
+        let pr = self.progress.get_mut(&from).expect("present");
+        if pr.maybe_update(index) {
+            match pr.state {
+                ProgressState::Probe => pr.become_replicate(),
+                ProgressState::Replicate => pr.inflights.free_to(index),
+                ProgressState::Snapshot => {
+                    let next = pr.matched + 1;
+                    pr.become_probe(next);
+                }
+            }
+            self.maybe_commit();
+            let caught_up = self
+                .progress
+                .get(&from)
+                .is_some_and(|p| p.matched == self.log.last_index());
+            if self.lead_transferee == from && caught_up {
+                self.send(from, Body::TimeoutNow);
+            }
+        } else {
+            match pr.state {
+                ProgressState::Probe => pr.paused = false,
+                ProgressState::Snapshot => {
+                    let next = pr.matched + 1;
+                    pr.become_probe(next);
+                }
+                ProgressState::Replicate => {}
+            }
+        }
+        self.replicate_dirty = true;
+    }
+
+    fn handle_heartbeat_resp(&mut self, from: NodeId, read_seq: u64, sent_tick: u64) {
+        let last = self.log.last_index();
+        let ticks = self.ticks;
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        if sent_tick <= ticks {
+            pr.hb_acked_tick = pr.hb_acked_tick.max(sent_tick);
+        }
+        pr.read_seq_acked = pr.read_seq_acked.max(read_seq);
+        let behind = pr.matched < last;
+        match pr.state {
+            ProgressState::Probe => {
+                pr.paused = false;
+                if behind {
+                    self.send_append(from, true);
+                }
+            }
+            ProgressState::Replicate => {
+                // The follower is alive; if our window is full its acks were probably
+                // lost, so free a slot to get the pipeline moving again. With nothing in
+                // flight but the follower behind, the last append was lost: probe.
+                if pr.inflights.full() {
+                    pr.inflights.free_first();
+                }
+                if behind && pr.inflights.is_empty() {
+                    self.send_append(from, true);
+                }
+                self.replicate_dirty = true;
+            }
+            ProgressState::Snapshot => {
+                // Retransmit the chunk the follower is waiting for.
+                self.send_snapshot_chunk(from);
+            }
+        }
+        self.resolve_reads();
+    }
+
+    fn tick_leader(&mut self) {
+        self.heartbeat_elapsed += 1;
+        self.election_elapsed += 1;
+        if self.lead_transferee != NO_NODE {
+            self.transfer_elapsed += 1;
+            if self.transfer_elapsed >= self.e() {
+                // Thesis §3.10: abort a transfer that did not finish within an election
+                // timeout so clients are not refused forever.
+                self.lead_transferee = NO_NODE;
+            }
+        }
+        if self.election_elapsed >= self.e() {
+            self.election_elapsed = 0;
+            if self.cfg.check_quorum && !self.bug(Bug::LeaseWithoutCheckQuorum) {
+                let (id, progress) = (self.id, &self.progress);
+                let active = quorum::joint_active(self.conf_state(), |v| {
+                    v == id || progress.get(&v).is_some_and(|p| p.recent_active)
+                });
+                if !active {
+                    // Thesis §6.2: step down so clients can find the real leader.
+                    let term = self.term;
+                    self.become_follower(term, NO_NODE);
+                    return;
+                }
+            }
+            for p in self.progress.values_mut() {
+                p.recent_active = false;
+            }
+        }
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            let seq = self.reads.broadcast_seq();
+            self.broadcast_heartbeat(seq);
+        }
+    }
+
+    fn tick_other(&mut self) {
+        self.election_elapsed = self.election_elapsed.saturating_add(1);
+        if self.election_elapsed >= self.e() {
+            self.lease_guard = false;
+        }
+        if self.election_elapsed >= self.randomized_timeout && self.promotable() {
+            self.campaign();
+        }
+    }
+
+    fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: if self.bug_hide_vote {
+                NO_NODE
+            } else {
+                self.vote
+            },
+            commit: self.commit,
+        }
+    }
+
+    fn check_invariants(&self) {
+        assert!(
+            self.commit <= self.log.last_index(),
+            "commit beyond the log"
+        );
+        assert!(self.applied <= self.commit, "applied beyond commit");
+        assert!(self.applying <= self.commit, "applying beyond commit");
+        assert!(self.log.stable() <= self.log.persisting());
+        assert!(self.log.persisting() <= self.log.last_index());
+        assert!(
+            self.commit >= self.log.snapshot_index(),
+            "commit behind the snapshot"
+        );
+        if self.role == StateRole::Leader {
+            assert_eq!(self.leader, self.id);
+            assert!(
+                self.log.last_term() == self.term,
+                "leader's last entry is of its term"
+            );
+        }
+    }
+}
+
+impl Replica for Raft {
+    type Message = Message;
+
+    fn create(
+        config: Config,
+        initial: ConfState,
+        recovered: Recovered,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        config.validate_bug(KNOWN_BUGS)?;
+        let bad = |field: &'static str, reason: &str| ConfigError {
+            field,
+            reason: reason.to_string(),
+        };
+        let (snap_index, snap_term, base_conf) = match &recovered.snapshot {
+            Some(s) => (s.meta.index, s.meta.term, s.meta.conf.clone()),
+            None => (0, 0, initial),
+        };
+        let log = RaftLog::new(snap_index, snap_term, recovered.entries.clone())
+            .map_err(|r| bad("recovered.entries", r))?;
+        let hs = recovered.hard_state;
+        if hs.term < log.last_term() {
+            return Err(bad(
+                "recovered.hard_state",
+                "term is older than the log's last term",
+            ));
+        }
+        // `commit` may have been persisted lazily (behind) but never ahead of the log;
+        // entries already applied are committed by definition.
+        let applied = recovered.applied.clamp(snap_index, log.last_index());
+        let commit = hs.commit.clamp(snap_index, log.last_index()).max(applied);
+        let bug = config.inject_bug.as_deref().and_then(Bug::parse);
+        let mut r = Raft {
+            id: config.id,
+            bug,
+            prng: Prng::new(config.seed),
+            term: hs.term,
+            vote: hs.vote,
+            log,
+            commit,
+            role: StateRole::Follower,
+            leader: NO_NODE,
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_timeout: config.election_ticks,
+            // A brand-new replica never acknowledged any leader, so it owes nobody.
+            // Only leases depend on that promise, so the guard is only needed with lease
+            // reads.
+            lease_guard: config.check_quorum && config.read_mode == ReadMode::Lease && hs.term > 0,
+            ticks: 1,
+            votes: BTreeMap::new(),
+            conf: ConfHistory::new(base_conf),
+            progress: BTreeMap::new(),
+            pending_conf_index: 0,
+            uncommitted_bytes: 0,
+            term_start_index: 0,
+            lead_transferee: NO_NODE,
+            transfer_elapsed: 0,
+            reads: ReadOnly::new(config.max_pending_reads),
+            forwarded_reads: 0,
+            snapshot: recovered.snapshot.clone(),
+            incoming: None,
+            pending_snapshot: None,
+            msgs: Vec::new(),
+            read_states: Vec::new(),
+            prev_hs: hs,
+            applied,
+            applying: applied,
+            ready_outstanding: false,
+            replicate_dirty: false,
+            commit_dirty: false,
+            bug_hide_vote: false,
+            cfg: config,
+        };
+        // Recompute the configuration from the ConfChange entries after the snapshot.
+        for e in recovered.entries {
+            r.on_appended(&e);
+        }
+        r.reset_timers();
+        r.check_invariants();
+        Ok(r)
+    }
+
+    fn known_bugs() -> &'static [&'static str] {
+        KNOWN_BUGS
+    }
+
+    fn id(&self) -> NodeId {
+        self.id
+    }
+
+    fn tick(&mut self) {
+        self.ticks += 1;
+        if self.role == StateRole::Leader {
+            self.tick_leader();
+        } else {
+            self.tick_other();
+        }
+        self.check_invariants();
+    }
+
+    fn step(&mut self, from: NodeId, msg: Message) {
+        let term_before = self.term;
+        let commit_before = self.commit;
+        self.step_inner(from, msg);
+        assert!(self.term >= term_before, "term decreased");
+        assert!(self.commit >= commit_before, "commit decreased");
+        self.check_invariants();
+    }
+
+    fn propose(&mut self, data: Vec<u8>) -> Result<(), ProposeError> {
+        if self.role != StateRole::Leader {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if self.lead_transferee != NO_NODE {
+            return Err(ProposeError::Transferring);
+        }
+        if data.len() > self.cfg.max_entry_bytes {
+            return Err(ProposeError::TooLarge {
+                size: data.len(),
+                max: self.cfg.max_entry_bytes,
+            });
+        }
+        if self.uncommitted_bytes + data.len() > self.cfg.max_uncommitted_bytes {
+            return Err(ProposeError::Busy);
+        }
+        self.uncommitted_bytes += data.len();
+        self.append_entry(EntryKind::Normal, data);
+        self.check_invariants();
+        Ok(())
+    }
+
+    fn propose_conf_change(&mut self, change: ConfChange) -> Result<(), ProposeError> {
+        if self.role != StateRole::Leader {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if self.lead_transferee != NO_NODE {
+            return Err(ProposeError::Transferring);
+        }
+        if self.pending_conf_index > self.commit {
+            return Err(ProposeError::ConfChangeRejected(
+                "another membership change is in flight",
+            ));
+        }
+        if change.changes.is_empty() {
+            return Err(ProposeError::ConfChangeRejected(
+                "empty change (leaving a joint configuration is automatic)",
+            ));
+        }
+        conf::apply_change(self.conf_state(), &change).map_err(ProposeError::ConfChangeRejected)?;
+        let data = change.encode();
+        self.uncommitted_bytes += data.len();
+        self.append_entry(EntryKind::ConfChange, data);
+        self.check_invariants();
+        Ok(())
+    }
+
+    fn read_index(&mut self, ctx: Vec<u8>) -> Result<(), ProposeError> {
+        match self.role {
+            StateRole::Leader => self.leader_read(self.id, ctx),
+            _ if self.leader != NO_NODE => {
+                if self.forwarded_reads >= self.cfg.max_pending_reads {
+                    return Err(ProposeError::Busy);
+                }
+                self.forwarded_reads += 1;
+                let leader = self.leader;
+                self.send(leader, Body::ReadIndex { ctx });
+                Ok(())
+            }
+            _ => Err(ProposeError::NotLeader { leader: NO_NODE }),
+        }
+    }
+
+    fn transfer_leader(&mut self, to: NodeId) {
+        if self.role != StateRole::Leader || to == self.id || self.lead_transferee == to {
+            return;
+        }
+        if !self.conf_state().is_voter(to) || !self.progress.contains_key(&to) {
+            return;
+        }
+        self.lead_transferee = to;
+        self.transfer_elapsed = 0;
+        let caught_up = self.progress[&to].matched == self.log.last_index();
+        if caught_up {
+            self.send(to, Body::TimeoutNow);
+        } else {
+            self.replicate_dirty = true;
+        }
+    }
+
+    fn compact(&mut self, index: u64, data: Vec<u8>) {
+        // Ignore requests that are stale or ahead of what was applied (a driver bug we
+        // refuse to turn into data loss).
+        if index <= self.log.snapshot_index() || index > self.applied || index > self.log.stable() {
+            return;
+        }
+        let term = self.log.term(index).expect("applied index is in the log");
+        let conf = self.conf.at(index).clone();
+        self.log.compact_to(index);
+        self.conf.compact_to(index);
+        self.snapshot = Some(Snapshot {
+            meta: SnapshotMeta { index, term, conf },
+            data,
+        });
+    }
+
+    fn has_ready(&self) -> bool {
+        if self.ready_outstanding {
+            return false;
+        }
+        !self.msgs.is_empty()
+            || self.log.has_unpersisted()
+            || self.pending_snapshot.is_some()
+            || self.hard_state() != self.prev_hs
+            || self.applying < self.commit
+            || !self.read_states.is_empty()
+            || (self.role == StateRole::Leader
+                && (self.replicate_dirty || self.reads.needs_broadcast()))
+    }
+
+    fn ready(&mut self) -> Ready<Message> {
+        assert!(
+            !self.ready_outstanding,
+            "Raft::ready called again before advance()"
+        );
+        if self.role == StateRole::Leader {
+            self.flush_replication();
+            if let Some(seq) = self.reads.take_broadcast() {
+                self.broadcast_heartbeat(seq);
+            }
+        }
+        let snapshot = self.pending_snapshot.take();
+        let entries = self.log.take_unpersisted();
+        let hs = self.hard_state();
+        let hard_state = (hs != self.prev_hs).then_some(hs);
+        self.prev_hs = hs;
+        let must_sync = snapshot.is_some() || !entries.is_empty() || hard_state.is_some();
+        // Every entry up to `persisting` is durable before the driver applies anything
+        // from this Ready (it persists first), so `committed` holds only durable entries.
+        let hi = self.commit.min(self.log.persisting());
+        let committed = self
+            .log
+            .slice(self.applying + 1, hi, MAX_COMMITTED_PER_READY, usize::MAX);
+        if let Some(last) = committed.last() {
+            assert_eq!(
+                committed[0].index,
+                self.applying + 1,
+                "apply must be contiguous"
+            );
+            self.applying = last.index;
+        }
+        self.ready_outstanding = true;
+        Ready {
+            snapshot,
+            entries,
+            hard_state,
+            must_sync,
+            messages: std::mem::take(&mut self.msgs),
+            committed,
+            read_states: std::mem::take(&mut self.read_states),
+        }
+    }
+
+    fn advance(&mut self) {
+        assert!(self.ready_outstanding, "advance() without a ready()");
+        self.ready_outstanding = false;
+        self.log.mark_stable();
+        self.applied = self.applying;
+        // Our own entries are durable now and count toward commit.
+        self.maybe_commit();
+        self.check_invariants();
+    }
+
+    fn status(&self) -> Status {
+        let conf = self.conf_state().clone();
+        let role = match self.role {
+            StateRole::Follower if !conf.is_voter(self.id) && conf.learners.contains(&self.id) => {
+                Role::Learner
+            }
+            StateRole::Follower => Role::Follower,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::Leader => Role::Leader,
+        };
+        Status {
+            id: self.id,
+            role,
+            term: self.term,
+            leader: self.leader,
+            commit: self.commit,
+            applied: self.applied,
+            first_index: self.log.first_index(),
+            last_index: self.log.last_index(),
+            conf,
+        }
+    }
+
+    fn encode_message(msg: &Message) -> Vec<u8> {
+        postcard::to_allocvec(msg).expect("encoding an in-memory message cannot fail")
+    }
+
+    fn decode_message(bytes: &[u8]) -> Result<Message, DecodeError> {
+        match postcard::take_from_bytes::<Message>(bytes) {
+            Ok((m, [])) => Ok(m),
+            Ok(_) => Err(DecodeError("raft message: trailing bytes")),
+            Err(_) => Err(DecodeError("raft message: malformed")),
+        }
+    }
+}
+
+impl Raft {
+    /// The configuration currently in effect (on append).
+    pub fn conf(&self) -> &ConfState {
+        self.conf_state()
+    }
+
+    /// Entries in `lo..=hi` still in memory (for tests and tools).
+    pub fn log_entries(&self, lo: u64, hi: u64) -> Vec<Entry> {
+        self.log
+            .slice(lo.max(self.log.first_index()), hi, usize::MAX, usize::MAX)
+    }
+
+    /// The leader's transfer target, if a transfer is in progress.
+    pub fn transferee(&self) -> NodeId {
+        self.lead_transferee
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,321 @@
+//! Unit tests of the Raft core through a tiny in-memory network. The readable scenario
+//! tests live in `crates/consensus/tests/raft/*.txt`.
+
+use super::*;
+use std::collections::{BTreeSet, VecDeque};
+
+struct Net {
+    nodes: BTreeMap<NodeId, Raft>,
+    applied: BTreeMap<NodeId, Vec<Entry>>,
+    reads: BTreeMap<NodeId, Vec<ReadState>>,
+    queue: VecDeque<(NodeId, Outgoing<Message>)>,
+    cut: BTreeSet<NodeId>,
+}
+
+fn cfg(id: NodeId) -> Config {
+    let mut c = Config::new(id);
+    c.election_ticks = 10;
+    c.heartbeat_ticks = 1;
+    c
+}
+
+impl Net {
+    fn new(n: u64, tweak: impl Fn(&mut Config)) -> Net {
+        let conf = ConfState::new(1..=n);
+        let mut nodes = BTreeMap::new();
+        for id in 1..=n {
+            let mut c = cfg(id);
+            tweak(&mut c);
+            nodes.insert(
+                id,
+                Raft::create(c, conf.clone(), Recovered::default()).unwrap(),
+            );
+        }
+        Net {
+            nodes,
+            applied: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            queue: VecDeque::new(),
+            cut: BTreeSet::new(),
+        }
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut Raft {
+        self.nodes.get_mut(&id).unwrap()
+    }
+
+    /// Processes readies and delivers messages until quiet (bounded).
+    fn stabilize(&mut self) {
+        for _ in 0..10_000 {
+            let mut busy = false;
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for id in ids {
+                let r = self.nodes.get_mut(&id).unwrap();
+                if r.has_ready() {
+                    busy = true;
+                    let rd = r.ready();
+                    for m in rd.messages {
+                        self.queue.push_back((id, m));
+                    }
+                    self.applied.entry(id).or_default().extend(rd.committed);
+                    self.reads.entry(id).or_default().extend(rd.read_states);
+                    r.advance();
+                }
+            }
+            while let Some((from, m)) = self.queue.pop_front() {
+                busy = true;
+                if self.cut.contains(&from) || self.cut.contains(&m.to) {
+                    continue;
+                }
+                if let Some(r) = self.nodes.get_mut(&m.to) {
+                    // Every message also goes through the wire encoding.
+                    let bytes = Raft::encode_message(&m.msg);
+                    r.step(from, Raft::decode_message(&bytes).unwrap());
+                }
+            }
+            if !busy {
+                return;
+            }
+        }
+        panic!("network did not stabilize");
+    }
+
+    fn elect(&mut self, id: NodeId) {
+        for _ in 0..100 {
+            self.node(id).tick();
+            self.stabilize();
+            if self.node(id).status().role == Role::Leader {
+                return;
+            }
+        }
+        panic!("{id} was not elected");
+    }
+
+    fn applied_data(&self, id: NodeId) -> Vec<Vec<u8>> {
+        self.applied
+            .get(&id)
+            .map(|v| {
+                v.iter()
+                    .filter(|e| e.kind == EntryKind::Normal)
+                    .map(|e| e.data.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn elects_and_replicates() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.node(1).propose(b"a".to_vec()).unwrap();
+    net.node(1).propose(b"b".to_vec()).unwrap();
+    net.stabilize();
+    // Followers learn the commit index from the next append or heartbeat.
+    net.node(1).tick();
+    net.stabilize();
+    for id in 1..=3 {
+        assert_eq!(
+            net.applied_data(id),
+            vec![b"a".to_vec(), b"b".to_vec()],
+            "node {id}"
+        );
+        assert_eq!(net.node(id).status().commit, 3);
+    }
+    assert_eq!(
+        net.node(2).propose(b"x".to_vec()),
+        Err(ProposeError::NotLeader { leader: 1 })
+    );
+}
+
+#[test]
+fn single_node_commits_after_advance() {
+    let mut net = Net::new(1, |_| {});
+    net.elect(1);
+    net.node(1).propose(b"a".to_vec()).unwrap();
+    let r = net.node(1);
+    let rd = r.ready();
+    assert_eq!(rd.entries.len(), 1);
+    assert!(rd.committed.iter().all(|e| e.kind == EntryKind::Noop));
+    assert!(rd.must_sync);
+    r.advance();
+    // Only now is the entry durable and counted.
+    let rd = r.ready();
+    assert_eq!(rd.committed.len(), 1);
+    assert_eq!(rd.committed[0].data, b"a".to_vec());
+    r.advance();
+}
+
+#[test]
+fn propose_limits() {
+    let mut net = Net::new(3, |c| {
+        c.max_entry_bytes = 100;
+        c.max_uncommitted_bytes = 250;
+    });
+    net.elect(1);
+    assert_eq!(
+        net.node(1).propose(vec![0; 101]),
+        Err(ProposeError::TooLarge {
+            size: 101,
+            max: 100
+        })
+    );
+    net.cut.insert(2);
+    net.cut.insert(3);
+    net.node(1).propose(vec![0; 100]).unwrap();
+    net.node(1).propose(vec![0; 100]).unwrap();
+    assert_eq!(net.node(1).propose(vec![0; 100]), Err(ProposeError::Busy));
+    net.cut.clear();
+    net.stabilize();
+    net.node(1).tick();
+    net.stabilize();
+    net.node(1).propose(vec![0; 100]).unwrap();
+}
+
+#[test]
+fn read_index_on_leader_and_follower() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.node(1).read_index(b"r1".to_vec()).unwrap();
+    net.node(2).read_index(b"r2".to_vec()).unwrap();
+    net.stabilize();
+    assert_eq!(
+        net.reads[&1],
+        vec![ReadState {
+            index: 1,
+            ctx: b"r1".to_vec()
+        }]
+    );
+    assert_eq!(
+        net.reads[&2],
+        vec![ReadState {
+            index: 1,
+            ctx: b"r2".to_vec()
+        }]
+    );
+    let mut net = Net::new(3, |c| c.max_pending_reads = 1);
+    net.elect(1);
+    net.cut.insert(2);
+    net.cut.insert(3);
+    net.node(1).read_index(b"a".to_vec()).unwrap();
+    assert_eq!(
+        net.node(1).read_index(b"b".to_vec()),
+        Err(ProposeError::Busy)
+    );
+    assert_eq!(
+        Net::new(3, |_| {}).node(2).read_index(vec![]),
+        Err(ProposeError::NotLeader { leader: 0 })
+    );
+}
+
+#[test]
+fn garbage_and_strangers_are_ignored() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    assert!(Raft::decode_message(&[]).is_err());
+    assert!(Raft::decode_message(&[0xff; 40]).is_err());
+    let mut seed = 7u64;
+    for len in 0..200 {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (seed >> 33) as u8
+            })
+            .collect();
+        if let Ok(m) = Raft::decode_message(&bytes) {
+            // Whatever decodes is stepped into every node without panicking.
+            for id in 1..=3 {
+                net.node(id).step(2, m.clone());
+                net.node(id).step(99, m.clone());
+            }
+        }
+    }
+    // Absurd indices from a known peer.
+    let term = net.node(1).status().term;
+    net.node(2).step(
+        1,
+        Message {
+            term,
+            body: Body::Append {
+                prev_index: u64::MAX - 1,
+                prev_term: 1,
+                entries: vec![],
+                commit: u64::MAX,
+            },
+        },
+    );
+    net.node(1).step(
+        2,
+        Message {
+            term,
+            body: Body::AppendResp {
+                index: u64::MAX,
+                reject: false,
+                hint_index: 0,
+                hint_term: 0,
+            },
+        },
+    );
+    net.stabilize();
+}
+
+#[test]
+fn config_is_validated() {
+    let mut c = cfg(1);
+    c.inject_bug = Some("nope".into());
+    let err = Raft::create(c, ConfState::new([1]), Recovered::default())
+        .err()
+        .unwrap();
+    assert_eq!(err.field, "inject_bug");
+    let mut c = cfg(1);
+    c.heartbeat_ticks = 0;
+    assert!(Raft::create(c, ConfState::new([1]), Recovered::default()).is_err());
+    for b in KNOWN_BUGS {
+        assert!(Bug::parse(b).is_some());
+    }
+}
+
+#[test]
+fn restart_redelivers_committed_after_applied() {
+    let entries: Vec<Entry> = (1..=5)
+        .map(|i| Entry {
+            index: i,
+            term: 1,
+            kind: EntryKind::Normal,
+            data: vec![i as u8],
+        })
+        .collect();
+    let rec = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: 1,
+            commit: 4,
+        },
+        snapshot: None,
+        entries,
+        applied: 2,
+    };
+    let mut r = Raft::create(cfg(1), ConfState::new([1, 2, 3]), rec).unwrap();
+    let rd = r.ready();
+    let idx: Vec<u64> = rd.committed.iter().map(|e| e.index).collect();
+    assert_eq!(idx, vec![3, 4]);
+    assert!(rd.entries.is_empty() && rd.hard_state.is_none());
+    r.advance();
+    assert_eq!(r.status().applied, 4);
+    let bad = Recovered {
+        entries: vec![Entry {
+            index: 3,
+            term: 1,
+            kind: EntryKind::Normal,
+            data: vec![],
+        }],
+        ..Recovered::default()
+    };
+    assert_eq!(
+        Raft::create(cfg(1), ConfState::new([1]), bad)
+            .err()
+            .unwrap()
+            .field,
+        "recovered.entries"
+    );
+}
