@@ -81,5 +81,9 @@ pub trait LogStore {
     fn last_index(&self) -> u64;
 }
 
+pub mod disk;
+pub mod faulty;
 pub mod mem;
 pub mod record;
+pub mod snapshot;
+pub mod wal;

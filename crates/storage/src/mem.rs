@@ -97,6 +97,25 @@ impl MemStore {
         Self::default()
     }
 
+    /// A store holding exactly what a recovery returned (for reference models).
+    pub fn from_recovered(r: &Recovered) -> Self {
+        let (base, base_term) = r
+            .snapshot
+            .as_ref()
+            .map_or((0, 0), |s| (s.meta.index, s.meta.term));
+        MemStore {
+            hard_state: r.hard_state,
+            snapshot: r.snapshot.clone(),
+            base,
+            base_term,
+            entries: r.entries.clone(),
+        }
+    }
+
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_ref()
+    }
+
     /// The entries held, in index order.
     pub fn entries(&self) -> &[Entry] {
         &self.entries

@@ -1,0 +1,334 @@
+//! The narrow file-IO boundary under the WAL and the snapshot store.
+//!
+//! [`StdDisk`] is the real file system. [`SimDisk`] is an in-memory disk that, like a real
+//! one, keeps what was written apart from what is durable: file contents become durable
+//! on `sync_file`, and names (creations, renames, removals) on `sync_dir`. A simulated
+//! crash keeps only the durable state (optionally plus a prefix of each file's unsynced
+//! bytes, a torn write). `FaultyStore` and the crash tests run the real WAL code on it.
+//!
+//! Paths are plain; a directory is just a path prefix for `SimDisk`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+pub trait Disk {
+    fn create_dir_all(&mut self, dir: &Path) -> io::Result<()>;
+    /// Names (not paths) of the files directly in `dir`, in any order.
+    fn list_dir(&mut self, dir: &Path) -> io::Result<Vec<String>>;
+    fn read(&mut self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Appends to the file, creating it if missing. Written, not durable.
+    fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Makes the file's contents durable (`fdatasync`). Its name needs `sync_dir`.
+    fn sync_file(&mut self, path: &Path) -> io::Result<()>;
+    /// Cuts the file to `len` bytes and makes that durable.
+    fn truncate(&mut self, path: &Path, len: u64) -> io::Result<()>;
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove(&mut self, path: &Path) -> io::Result<()>;
+    /// Makes the directory's names durable (creations, renames, removals).
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
+}
+
+/// Open handles kept by [`StdDisk`]; beyond this all are closed (the WAL writes to one
+/// segment at a time, so this is rarely reached).
+const OPEN_FILES_MAX: usize = 8;
+
+/// The real file system. Keeps appended-to files open so a hot append is one `write`.
+#[derive(Default)]
+pub struct StdDisk {
+    open: HashMap<PathBuf, File>,
+}
+
+impl StdDisk {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn handle(&mut self, path: &Path) -> io::Result<&mut File> {
+        if !self.open.contains_key(path) {
+            if self.open.len() >= OPEN_FILES_MAX {
+                self.open.clear();
+            }
+            let f = OpenOptions::new().create(true).append(true).open(path)?;
+            self.open.insert(path.to_path_buf(), f);
+        }
+        Ok(self.open.get_mut(path).expect("inserted above"))
+    }
+}
+
+impl Disk for StdDisk {
+    fn create_dir_all(&mut self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    fn list_dir(&mut self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn read(&mut self, path: &Path) -> io::Result<Vec<u8>> {
+        let mut v = Vec::new();
+        File::open(path)?.read_to_end(&mut v)?;
+        Ok(v)
+    }
+
+    fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()> {
+        self.handle(path)?.write_all(data)
+    }
+
+    fn sync_file(&mut self, path: &Path) -> io::Result<()> {
+        self.handle(path)?.sync_data()
+    }
+
+    fn truncate(&mut self, path: &Path, len: u64) -> io::Result<()> {
+        let f = self.handle(path)?;
+        f.set_len(len)?;
+        f.sync_all()
+    }
+
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        self.open.remove(from);
+        self.open.remove(to);
+        std::fs::rename(from, to)
+    }
+
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        self.open.remove(path);
+        std::fs::remove_file(path)
+    }
+
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Inode {
+    data: Vec<u8>,
+    /// `data[..durable_len]` survives a crash.
+    durable_len: usize,
+}
+
+/// An in-memory disk that separates written from durable state (see the module doc).
+/// Deterministic: it has no randomness of its own; torn tails are chosen by the caller.
+#[derive(Clone, Debug, Default)]
+pub struct SimDisk {
+    inodes: BTreeMap<u64, Inode>,
+    next_inode: u64,
+    /// Names as a process sees them now.
+    live: BTreeMap<PathBuf, u64>,
+    /// Names as they would be found after a crash.
+    durable: BTreeMap<PathBuf, u64>,
+    /// Mutating operations left before the disk "dies" (every later one fails until
+    /// `crash`), to crash in the middle of a multi-step operation.
+    ops_left: Option<u64>,
+}
+
+fn not_found(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{}: no such file", path.display()),
+    )
+}
+
+impl SimDisk {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lets `ops` more mutating operations succeed, then fails every one (the process is
+    /// dying) until the next `crash`.
+    pub fn fail_after(&mut self, ops: u64) {
+        self.ops_left = Some(ops);
+    }
+
+    fn mutate(&mut self) -> io::Result<()> {
+        match &mut self.ops_left {
+            Some(0) => Err(io::Error::other("simulated crash: the disk is gone")),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Unsynced bytes across all live files.
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.live
+            .values()
+            .map(|i| {
+                let n = &self.inodes[i];
+                (n.data.len() - n.durable_len) as u64
+            })
+            .sum()
+    }
+
+    /// Loses everything not durable: names revert to the last `sync_dir`, contents to the
+    /// last `sync_file`, except that up to `torn_tail_bytes` of each file's unsynced bytes
+    /// survive (a prefix, as when a crash interrupts a sequential write).
+    pub fn crash(&mut self, torn_tail_bytes: u64) {
+        self.ops_left = None;
+        for n in self.inodes.values_mut() {
+            let keep = (n.data.len() - n.durable_len).min(torn_tail_bytes as usize);
+            n.data.truncate(n.durable_len + keep);
+            // What survived a crash is on the platter now.
+            n.durable_len = n.data.len();
+        }
+        self.live = self.durable.clone();
+        let used: std::collections::BTreeSet<u64> = self.live.values().copied().collect();
+        self.inodes.retain(|i, _| used.contains(i));
+    }
+
+    /// Durable contents of every file (by path), for fault injection and tests.
+    pub fn durable_files(&self) -> Vec<(PathBuf, &[u8])> {
+        self.durable
+            .iter()
+            .map(|(p, i)| {
+                let n = &self.inodes[i];
+                (p.clone(), &n.data[..n.durable_len])
+            })
+            .collect()
+    }
+
+    /// Flips bits `mask` of byte `offset` of a file, in both its live and durable contents.
+    pub fn flip_byte(&mut self, path: &Path, offset: usize, mask: u8) -> io::Result<()> {
+        let i = *self
+            .durable
+            .get(path)
+            .or_else(|| self.live.get(path))
+            .ok_or_else(|| not_found(path))?;
+        let n = self.inodes.get_mut(&i).expect("named inode exists");
+        let b = n.data.get_mut(offset).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "offset beyond end of file")
+        })?;
+        *b ^= mask;
+        Ok(())
+    }
+
+    fn inode(&mut self, path: &Path) -> io::Result<&mut Inode> {
+        let i = *self.live.get(path).ok_or_else(|| not_found(path))?;
+        Ok(self.inodes.get_mut(&i).expect("named inode exists"))
+    }
+}
+
+impl Disk for SimDisk {
+    fn create_dir_all(&mut self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn list_dir(&mut self, dir: &Path) -> io::Result<Vec<String>> {
+        Ok(self
+            .live
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect())
+    }
+
+    fn read(&mut self, path: &Path) -> io::Result<Vec<u8>> {
+        Ok(self.inode(path)?.data.clone())
+    }
+
+    fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()> {
+        self.mutate()?;
+        if !self.live.contains_key(path) {
+            let i = self.next_inode;
+            self.next_inode += 1;
+            self.inodes.insert(i, Inode::default());
+            self.live.insert(path.to_path_buf(), i);
+        }
+        self.inode(path)?.data.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn sync_file(&mut self, path: &Path) -> io::Result<()> {
+        self.mutate()?;
+        let n = self.inode(path)?;
+        n.durable_len = n.data.len();
+        Ok(())
+    }
+
+    fn truncate(&mut self, path: &Path, len: u64) -> io::Result<()> {
+        self.mutate()?;
+        let n = self.inode(path)?;
+        n.data.truncate(len as usize);
+        n.durable_len = n.data.len();
+        Ok(())
+    }
+
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        self.mutate()?;
+        let i = self.live.remove(from).ok_or_else(|| not_found(from))?;
+        self.live.insert(to.to_path_buf(), i);
+        Ok(())
+    }
+
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        self.mutate()?;
+        self.live.remove(path).ok_or_else(|| not_found(path))?;
+        Ok(())
+    }
+
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        self.mutate()?;
+        self.durable.retain(|p, _| p.parent() != Some(dir));
+        for (p, i) in &self.live {
+            if p.parent() == Some(dir) {
+                self.durable.insert(p.clone(), *i);
+            }
+        }
+        // Inodes no longer named anywhere are gone for good.
+        let used: std::collections::BTreeSet<u64> = self
+            .live
+            .values()
+            .chain(self.durable.values())
+            .copied()
+            .collect();
+        self.inodes.retain(|i, _| used.contains(i));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sim_disk_loses_unsynced_bytes_and_names() {
+        let mut d = SimDisk::new();
+        let dir = Path::new("/d");
+        let a = dir.join("a");
+        d.append(&a, b"hello").unwrap();
+        d.sync_file(&a).unwrap();
+        d.crash(0);
+        assert!(d.read(&a).is_err(), "name never synced");
+
+        d.append(&a, b"hello").unwrap();
+        d.sync_file(&a).unwrap();
+        d.sync_dir(dir).unwrap();
+        d.append(&a, b" world").unwrap();
+        assert_eq!(d.unsynced_bytes(), 6);
+        d.crash(3);
+        assert_eq!(d.read(&a).unwrap(), b"hello wo");
+        d.append(&a, b"!").unwrap();
+        d.crash(0);
+        assert_eq!(d.read(&a).unwrap(), b"hello wo");
+
+        let b = dir.join("b");
+        d.rename(&a, &b).unwrap();
+        d.crash(0);
+        assert!(d.read(&a).is_ok() && d.read(&b).is_err());
+        d.remove(&a).unwrap();
+        d.sync_dir(dir).unwrap();
+        d.crash(0);
+        assert!(d.list_dir(dir).unwrap().is_empty());
+    }
+}

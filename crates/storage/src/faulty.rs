@@ -1,0 +1,304 @@
+//! `FaultyStore`: the simulator's [`LogStore`]. It is the real [`Wal`] code running on a
+//! [`SimDisk`], so records use the WAL's codec and CRCs, segments roll, snapshots are
+//! files, and recovery applies exactly the WAL's torn-tail and corruption rules.
+//!
+//! Fully deterministic: it draws no randomness of its own. Faults are chosen by the
+//! caller: `crash*` and `corrupt_random_record(seed)`.
+//!
+//! After a crash, every operation but `recover` fails with `StorageError::Invalid`, as a
+//! crashed process cannot write; `recover` reads back the durable bytes (the restart).
+
+use crate::disk::SimDisk;
+use crate::record;
+use crate::wal::{Wal, WalOptions};
+use crate::{LogStore, Result, StorageError};
+use concord_consensus::{Entry, HardState, Recovered, Snapshot};
+use std::path::{Path, PathBuf};
+
+/// Segment size used by default in the simulator: small, so that rolling and segment
+/// deletion happen in ordinary runs.
+pub const SIM_SEGMENT_BYTES_MAX: u64 = 64 << 10;
+
+const SIM_DATA_DIR: &str = "/concord";
+
+/// Where `corrupt_random_record` flipped a byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Corruption {
+    /// The segment file, as recovery will name it in `StorageError::Corrupt`.
+    pub path: String,
+    /// Byte offset of the damaged record in that file (what recovery reports).
+    pub record_offset: u64,
+    /// Byte offset of the flipped byte.
+    pub byte_offset: u64,
+}
+
+/// SplitMix64: turns a caller's seed into well-spread choices without any own state.
+fn mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+pub struct FaultyStore {
+    wal: Wal<SimDisk>,
+    crashed: bool,
+}
+
+impl Default for FaultyStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FaultyStore {
+    pub fn new() -> Self {
+        Self::with_options(WalOptions {
+            segment_bytes_max: SIM_SEGMENT_BYTES_MAX,
+            ..WalOptions::default()
+        })
+    }
+
+    /// # Panics
+    /// If `opts` is invalid (`WalOptions::validate`): a bug in the test's setup.
+    pub fn with_options(opts: WalOptions) -> Self {
+        let wal = Wal::open_on(SimDisk::new(), Path::new(SIM_DATA_DIR), opts)
+            .expect("a fresh in-memory WAL opens");
+        FaultyStore {
+            wal,
+            crashed: false,
+        }
+    }
+
+    /// Bytes written but not yet durable (lost by a crash).
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.wal.disk().unsynced_bytes() + self.wal.buffered_bytes() as u64
+    }
+
+    pub fn is_crashed(&self) -> bool {
+        self.crashed
+    }
+
+    /// The process dies: everything written but not synced is lost.
+    pub fn crash(&mut self) {
+        self.crash_keeping(0);
+    }
+
+    /// The process dies mid-write: a prefix of up to `torn_tail_bytes` of the unsynced
+    /// bytes survives (possibly ending inside a record, which recovery cuts off).
+    pub fn crash_keeping(&mut self, torn_tail_bytes: u64) {
+        if !self.crashed {
+            // Hand buffered records to the disk first, so that a torn tail can keep part
+            // of them, as an OS page cache might have written them out.
+            let _ = self.wal.flush_for_crash();
+        }
+        self.wal.disk_mut().crash(torn_tail_bytes);
+        self.crashed = true;
+    }
+
+    /// The disk dies after `ops` more mutating operations (writes, fsyncs, renames,
+    /// removals): every later one fails with an I/O error, so a multi-step operation such
+    /// as `install_snapshot` stops half-way. The caller then crashes and recovers.
+    pub fn fail_disk_after(&mut self, ops: u64) {
+        self.wal.disk_mut().fail_after(ops);
+    }
+
+    /// A crash whose torn tail length is derived from `seed` (anywhere from nothing to all
+    /// of the unsynced bytes).
+    pub fn crash_torn(&mut self, seed: u64) {
+        let _ = self.wal.flush_for_crash();
+        let unsynced = self.wal.disk().unsynced_bytes();
+        self.crash_keeping(mix(seed) % (unsynced + 1));
+    }
+
+    /// Flips one bit in a durable WAL record that is not the last one, chosen from `seed`,
+    /// so that recovery must report `StorageError::Corrupt` at the returned place (a
+    /// damaged last record would be indistinguishable from a torn write). Returns `None`
+    /// if fewer than two durable records exist.
+    pub fn corrupt_random_record(&mut self, seed: u64) -> Option<Corruption> {
+        let wal_dir = self.wal.wal_dir().to_path_buf();
+        let mut files: Vec<(PathBuf, Vec<u8>)> = self
+            .wal
+            .disk()
+            .durable_files()
+            .into_iter()
+            .filter(|(p, _)| {
+                p.parent() == Some(wal_dir.as_path()) && p.extension().is_some_and(|e| e == "wal")
+            })
+            .map(|(p, b)| (p, b.to_vec()))
+            .collect();
+        files.sort();
+        // (file, record offset, record length) of every intact durable record.
+        let mut records = Vec::new();
+        for (fi, (_, bytes)) in files.iter().enumerate() {
+            let mut at = 0;
+            while let Ok((_, n)) = record::decode(&bytes[at..]) {
+                records.push((fi, at, n));
+                at += n;
+            }
+        }
+        records.pop()?;
+        if records.is_empty() {
+            return None;
+        }
+        let h = mix(seed);
+        let (fi, at, n) = records[(h % records.len() as u64) as usize];
+        let h2 = mix(h);
+        let byte = at + (h2 % n as u64) as usize;
+        let mask = 1u8 << (mix(h2) % 8);
+        let path = &files[fi].0;
+        self.wal
+            .disk_mut()
+            .flip_byte(path, byte, mask)
+            .expect("the byte was just read from this file");
+        Some(Corruption {
+            path: path.display().to_string(),
+            record_offset: at as u64,
+            byte_offset: byte as u64,
+        })
+    }
+
+    pub fn wal(&self) -> &Wal<SimDisk> {
+        &self.wal
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        if self.crashed {
+            return Err(StorageError::Invalid(
+                "the store has crashed; call recover() first".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LogStore for FaultyStore {
+    fn append(&mut self, entries: &[Entry]) -> Result<()> {
+        self.check_alive()?;
+        self.wal.append(entries)
+    }
+
+    fn set_hard_state(&mut self, hs: HardState) -> Result<()> {
+        self.check_alive()?;
+        self.wal.set_hard_state(hs)
+    }
+
+    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<()> {
+        self.check_alive()?;
+        self.wal.install_snapshot(snap)
+    }
+
+    fn compact(&mut self, index: u64) -> Result<()> {
+        self.check_alive()?;
+        self.wal.compact(index)
+    }
+
+    fn sync(&mut self) -> Result<u64> {
+        self.check_alive()?;
+        self.wal.sync()
+    }
+
+    /// The restart: reads back only what is durable. Without a preceding crash, it first
+    /// crashes cleanly (unsynced writes are lost), so the result never depends on them.
+    fn recover(&mut self) -> Result<Recovered> {
+        if !self.crashed {
+            self.crash();
+        }
+        let r = self.wal.reload()?;
+        self.crashed = false;
+        Ok(r)
+    }
+
+    fn first_index(&self) -> u64 {
+        self.wal.first_index()
+    }
+
+    fn last_index(&self) -> u64 {
+        self.wal.last_index()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use concord_consensus::EntryKind;
+
+    fn fill(store: &mut FaultyStore, n: u64) {
+        for i in 1..=n {
+            let e = Entry {
+                index: i,
+                term: 1 + i / 10,
+                kind: EntryKind::Normal,
+                data: vec![i as u8; (i as usize * 37) % 500],
+            };
+            store.append(&[e]).unwrap();
+            if i % 5 == 0 {
+                store
+                    .set_hard_state(HardState {
+                        term: 1 + i / 10,
+                        vote: 1,
+                        commit: i - 1,
+                    })
+                    .unwrap();
+                store.sync().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn crash_loses_unsynced_entries_only() {
+        let mut s = FaultyStore::new();
+        fill(&mut s, 23);
+        assert!(s.unsynced_bytes() > 0);
+        s.crash();
+        assert!(s.append(&[]).is_err(), "a crashed store refuses work");
+        let r = s.recover().unwrap();
+        assert_eq!(r.entries.len(), 20);
+        assert_eq!(r.hard_state.commit, 19);
+        assert_eq!(s.last_index(), 20);
+    }
+
+    #[test]
+    fn corruption_of_any_non_last_record_is_reported_where_it_is() {
+        for seed in 0..200u64 {
+            let mut s = FaultyStore::with_options(WalOptions {
+                segment_bytes_max: 4096,
+                ..WalOptions::default()
+            });
+            fill(&mut s, 60);
+            assert!(s.wal().segment_count() > 1);
+            let c = s.corrupt_random_record(seed).expect("records exist");
+            match s.recover() {
+                Err(StorageError::Corrupt { path, offset, .. }) => {
+                    assert_eq!(
+                        (path, offset),
+                        (c.path.clone(), c.record_offset),
+                        "seed {seed}"
+                    );
+                }
+                other => panic!("seed {seed}: expected Corrupt at {c:?}, got {other:?}"),
+            }
+            assert!(s.is_crashed(), "a store that failed recovery stays down");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_fault() {
+        let run = |seed| {
+            let mut s = FaultyStore::new();
+            fill(&mut s, 23);
+            s.crash_torn(seed);
+            let r = s.recover().unwrap();
+            (r.entries.len(), s.corrupt_random_record(seed))
+        };
+        for seed in 0..20 {
+            assert_eq!(run(seed), run(seed));
+        }
+    }
+
+    #[test]
+    fn too_few_records_to_corrupt() {
+        let mut s = FaultyStore::new();
+        assert_eq!(s.corrupt_random_record(1), None);
+    }
+}

@@ -1,0 +1,354 @@
+//! Reference-model test: random operations against `FaultyStore` and `Wal<SimDisk>`, and
+//! the same operations against `MemStore` (which has no crashes, so it is the model).
+//!
+//! The crash contract checked here: let S0 be the model's state at the last point where
+//! everything was made durable (`sync` returned, or `install_snapshot` returned), and
+//! S1..Sn the states after each *record* written since (an append of k entries is k
+//! records; a hard-state change is one). After a crash, with or without a torn tail,
+//! recovery must return exactly one of S0..Sn: nothing synced is lost or altered, and
+//! of the unsynced writes only a prefix, in write order, may survive. A clean crash on
+//! `FaultyStore` (everything buffered was handed to the disk, nothing synced) and a
+//! crash of `Wal<SimDisk>` that also loses its user-space buffer are both covered.
+
+use concord_consensus::{
+    ConfState, Entry, EntryKind, HardState, Recovered, Snapshot, SnapshotMeta,
+};
+use concord_storage::disk::SimDisk;
+use concord_storage::faulty::FaultyStore;
+use concord_storage::mem::MemStore;
+use concord_storage::wal::{Wal, WalOptions};
+use concord_storage::{LogStore, StorageError};
+use proptest::prelude::*;
+use std::path::Path;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Append `count` entries starting `back` entries before the end (0 = plain append).
+    Append {
+        back: u8,
+        count: u8,
+        new_term: bool,
+        data_len: u16,
+    },
+    HardState {
+        term_up: u8,
+        vote: u8,
+        commit: u8,
+    },
+    Sync,
+    /// Snapshot `back` entries before the end; with `other_term`, a term the log does not
+    /// hold there (so the whole log is dropped).
+    Snapshot {
+        back: u8,
+        other_term: bool,
+    },
+    Compact,
+    /// An append that leaves a gap: must be refused and change nothing.
+    BadAppend,
+    /// `torn` is the number of unsynced bytes that survive (None: a clean crash).
+    Crash {
+        torn: Option<u16>,
+    },
+    /// The disk dies after `budget` more mutating operations, in the middle of an append
+    /// plus sync (`snapshot` false) or of installing a snapshot; then a crash.
+    CrashDuring {
+        budget: u8,
+        snapshot: bool,
+        other_term: bool,
+        torn: Option<u16>,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0u8..4, 1u8..6, any::<bool>(), 0u16..400).prop_map(|(b, c, n, d)| Op::Append {
+            back: if b == 3 { 0 } else { b },
+            count: c,
+            new_term: n,
+            data_len: d,
+        }),
+        3 => (0u8..2, 0u8..4, 0u8..50).prop_map(|(t, v, c)| Op::HardState { term_up: t, vote: v, commit: c }),
+        4 => Just(Op::Sync),
+        1 => (0u8..8, any::<bool>()).prop_map(|(b, o)| Op::Snapshot { back: b, other_term: o }),
+        1 => Just(Op::Compact),
+        1 => Just(Op::BadAppend),
+        2 => proptest::option::of(0u16..3000).prop_map(|t| Op::Crash { torn: t }),
+        2 => (0u8..14, any::<bool>(), any::<bool>(), proptest::option::of(0u16..3000)).prop_map(
+            |(budget, snapshot, other_term, torn)| Op::CrashDuring { budget, snapshot, other_term, torn }
+        ),
+    ]
+}
+
+/// What a recovery shows, compared field by field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct View {
+    hard_state: HardState,
+    snapshot: Option<Snapshot>,
+    entries: Vec<Entry>,
+}
+
+fn view_of(r: &Recovered) -> View {
+    View {
+        hard_state: r.hard_state,
+        snapshot: r.snapshot.clone(),
+        entries: r.entries.clone(),
+    }
+}
+
+fn model_view(m: &mut MemStore) -> View {
+    view_of(&m.recover().unwrap())
+}
+
+/// A store under test plus how to crash it.
+trait Crashable: LogStore {
+    fn crash(&mut self, torn: Option<u16>) -> Recovered;
+    fn fail_disk_after(&mut self, ops: u64);
+}
+
+impl Crashable for FaultyStore {
+    fn fail_disk_after(&mut self, ops: u64) {
+        FaultyStore::fail_disk_after(self, ops);
+    }
+
+    fn crash(&mut self, torn: Option<u16>) -> Recovered {
+        match torn {
+            None => FaultyStore::crash(self),
+            Some(n) => self.crash_keeping(n as u64),
+        }
+        self.recover().expect("recovery after a crash succeeds")
+    }
+}
+
+impl Crashable for Wal<SimDisk> {
+    fn fail_disk_after(&mut self, ops: u64) {
+        self.disk_mut().fail_after(ops);
+    }
+
+    fn crash(&mut self, torn: Option<u16>) -> Recovered {
+        // The process dies: its user-space buffer is gone, the disk keeps what it keeps.
+        self.disk_mut().crash(torn.unwrap_or(0) as u64);
+        self.reload().expect("recovery after a crash succeeds")
+    }
+}
+
+fn entry(index: u64, term: u64, len: usize) -> Entry {
+    let mut data = vec![0u8; len];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (index as u8).wrapping_mul(31).wrapping_add(i as u8);
+    }
+    Entry {
+        index,
+        term,
+        kind: if len % 7 == 1 {
+            EntryKind::Noop
+        } else {
+            EntryKind::Normal
+        },
+        data,
+    }
+}
+
+fn make_snapshot(model: &MemStore, back: u8, other_term: bool, term: u64) -> Snapshot {
+    let current = model.snapshot().map_or(0, |s| s.meta.index);
+    let index = model
+        .last_index()
+        .saturating_sub(back as u64)
+        .max(current)
+        .max(1);
+    let snap_term = match model.term(index) {
+        Some(t) if !other_term => t,
+        _ => term + 100,
+    };
+    Snapshot {
+        meta: SnapshotMeta {
+            index,
+            term: snap_term,
+            conf: ConfState::new([1, 2, 3]),
+        },
+        data: format!("state at {index}").into_bytes(),
+    }
+}
+
+fn run<S: Crashable>(store: &mut S, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut model = MemStore::new();
+    // Candidate states since the last durable point; [0] is the durable one.
+    let mut candidates = vec![model_view(&mut model)];
+    let mut term = 1u64;
+    for op in ops {
+        match op {
+            Op::Append {
+                back,
+                count,
+                new_term,
+                data_len,
+            } => {
+                let first = (model.last_index() + 1)
+                    .saturating_sub(*back as u64)
+                    .max(model.first_index());
+                if *new_term {
+                    term += 1;
+                }
+                let ents: Vec<Entry> = (first..first + *count as u64)
+                    .map(|i| entry(i, term, (*data_len as usize + i as usize * 13) % 400))
+                    .collect();
+                store
+                    .append(&ents)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                for e in &ents {
+                    model.append(std::slice::from_ref(e)).unwrap();
+                    candidates.push(model_view(&mut model));
+                }
+            }
+            Op::HardState {
+                term_up,
+                vote,
+                commit,
+            } => {
+                let old = model.hard_state();
+                let hs = HardState {
+                    term: old.term + *term_up as u64,
+                    vote: *vote as u64,
+                    commit: *commit as u64,
+                };
+                store.set_hard_state(hs).unwrap();
+                model.set_hard_state(hs).unwrap();
+                candidates.push(model_view(&mut model));
+            }
+            Op::Sync => {
+                let last = store.sync().unwrap();
+                prop_assert_eq!(last, model.last_index());
+                candidates = vec![model_view(&mut model)];
+            }
+            Op::Snapshot { back, other_term } => {
+                let current = model.snapshot().map_or(0, |s| s.meta.index);
+                let index = model
+                    .last_index()
+                    .saturating_sub(*back as u64)
+                    .max(current)
+                    .max(1);
+                let snap_term = match model.term(index) {
+                    Some(t) if !other_term => t,
+                    _ => term + 100,
+                };
+                let snap = Snapshot {
+                    meta: SnapshotMeta {
+                        index,
+                        term: snap_term,
+                        conf: ConfState::new([1, 2, 3]),
+                    },
+                    data: format!("state at {index}").into_bytes(),
+                };
+                store.install_snapshot(&snap).unwrap();
+                model.install_snapshot(&snap).unwrap();
+                candidates = vec![model_view(&mut model)];
+            }
+            Op::Compact => {
+                let snap_index = model.snapshot().map_or(0, |s| s.meta.index);
+                store.compact(snap_index).unwrap();
+                model.compact(snap_index).unwrap();
+                let too_far = store.compact(snap_index + 1);
+                prop_assert!(matches!(too_far, Err(StorageError::Invalid(_))));
+            }
+            Op::BadAppend => {
+                let bad = [entry(model.last_index() + 2, term, 3)];
+                let r = store.append(&bad);
+                prop_assert!(matches!(r, Err(StorageError::Invalid(_))), "{:?}", r);
+            }
+            Op::CrashDuring {
+                budget,
+                snapshot,
+                other_term,
+                torn,
+            } => {
+                store.fail_disk_after(*budget as u64);
+                if *snapshot {
+                    // Until the WAL is synced the snapshot may land on any state the WAL
+                    // could recover to, or not land at all.
+                    let snap = make_snapshot(&model, 2, *other_term, term);
+                    let _ = store.install_snapshot(&snap);
+                    let before = candidates.clone();
+                    for c in before {
+                        let mut m = MemStore::from_recovered(&Recovered {
+                            hard_state: c.hard_state,
+                            applied: 0,
+                            snapshot: c.snapshot.clone(),
+                            entries: c.entries.clone(),
+                        });
+                        m.install_snapshot(&snap).unwrap();
+                        candidates.push(model_view(&mut m));
+                    }
+                } else {
+                    let first = model.last_index().max(model.first_index());
+                    let ents: Vec<Entry> =
+                        (first..first + 3).map(|i| entry(i, term, 100)).collect();
+                    let _ = store.append(&ents).and_then(|_| store.sync());
+                    for e in &ents {
+                        model.append(std::slice::from_ref(e)).unwrap();
+                        candidates.push(model_view(&mut model));
+                    }
+                }
+                let r = store.crash(*torn);
+                let got = view_of(&r);
+                let pos = candidates.iter().position(|c| *c == got);
+                prop_assert!(
+                    pos.is_some(),
+                    "recovered state is none of the {} allowed ones\n got: {:?}\n allowed: {:?}",
+                    candidates.len(),
+                    got,
+                    candidates
+                );
+                model = MemStore::from_recovered(&r);
+                candidates = vec![got];
+            }
+            Op::Crash { torn } => {
+                let r = store.crash(*torn);
+                let got = view_of(&r);
+                prop_assert_eq!(r.applied, got.snapshot.as_ref().map_or(0, |s| s.meta.index));
+                let pos = candidates.iter().position(|c| *c == got);
+                prop_assert!(
+                    pos.is_some(),
+                    "recovered state is none of the {} allowed ones\n got: {:?}\n durable: {:?}\n written: {:?}",
+                    candidates.len(),
+                    got,
+                    candidates[0],
+                    candidates.last()
+                );
+                model = MemStore::from_recovered(&r);
+                candidates = vec![got];
+                prop_assert_eq!(store.last_index(), model.last_index());
+                prop_assert_eq!(store.first_index(), model.first_index());
+            }
+        }
+        prop_assert_eq!(store.last_index(), model.last_index());
+        prop_assert_eq!(store.first_index(), model.first_index());
+        term = term.max(model.entries().last().map_or(0, |e| e.term));
+    }
+    Ok(())
+}
+
+fn small_opts(write_buffer_bytes_max: usize) -> WalOptions {
+    WalOptions {
+        segment_bytes_max: 4096,
+        write_buffer_bytes_max,
+        ..WalOptions::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn faulty_store_matches_model(ops in proptest::collection::vec(op(), 1..80)) {
+        let mut store = FaultyStore::with_options(small_opts(1 << 20));
+        run(&mut store, &ops)?;
+    }
+
+    #[test]
+    fn wal_on_sim_disk_matches_model(
+        ops in proptest::collection::vec(op(), 1..80),
+        buffer in prop_oneof![Just(1usize), Just(700), Just(1 << 20)],
+    ) {
+        let mut wal = Wal::open_on(SimDisk::new(), Path::new("/node"), small_opts(buffer)).unwrap();
+        run(&mut wal, &ops)?;
+    }
+}
