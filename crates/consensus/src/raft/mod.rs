@@ -502,12 +502,14 @@ impl Raft {
             ProgressState::Replicate => {
                 if let Some(last) = last {
                     pr.next = last + 1;
-                    pr.inflights.add(last);
+                    pr.inflights.add(last, self.ticks);
                 }
             }
             ProgressState::Probe => pr.paused = true,
             ProgressState::Snapshot => unreachable!("can_send is false while snapshotting"),
         }
+        // Replaying the log from index 1 needs the founding configuration it starts from.
+        let base_conf = (prev_index == 0).then(|| self.conf.at(0).clone());
         self.send(
             to,
             Body::Append {
@@ -515,6 +517,7 @@ impl Raft {
                 prev_term,
                 entries,
                 commit,
+                base_conf,
             },
         );
         true
@@ -850,9 +853,13 @@ impl Raft {
                 prev_term,
                 entries,
                 commit,
+                base_conf,
             } => {
                 self.election_elapsed = 0;
                 self.leader = from;
+                if let Some(base) = base_conf {
+                    self.adopt_base_conf(base);
+                }
                 self.handle_append(from, prev_index, prev_term, entries, commit);
             }
             Body::Heartbeat {
@@ -890,6 +897,16 @@ impl Raft {
                 self.read_states.push(ReadState { index, ctx });
             }
             _ => {}
+        }
+    }
+
+    /// A replica that joins an existing group starts with an empty log and knows nothing
+    /// of the founding members; the leader's first append from index 1 tells it, so the
+    /// ConfChange entries that follow apply to the right base.
+    fn adopt_base_conf(&mut self, base: ConfState) {
+        let empty = self.log.last_index() == 0 && self.conf.current_index() == 0;
+        if empty && !base.voters.is_empty() && *self.conf_state() != base {
+            self.conf.reset(base);
         }
     }
 
@@ -1229,13 +1246,15 @@ impl Raft {
                 }
             }
             ProgressState::Replicate => {
-                // The follower is alive; if our window is full its acks were probably
-                // lost, so free a slot to get the pipeline moving again. With nothing in
-                // flight but the follower behind, the last append was lost: probe.
-                if pr.inflights.full() {
-                    pr.inflights.free_first();
-                }
-                if behind && pr.inflights.is_empty() {
+                // The follower answered a heartbeat sent after our oldest unacknowledged
+                // append; on an ordered link that append's answer would have come first, so
+                // it was probably lost. Free a slot and send an append from `next`: if the
+                // follower misses entries it rejects it and we fall back to probing.
+                let stalled = !matches!(pr.inflights.oldest_tick(), Some(t) if t >= sent_tick);
+                if behind && stalled {
+                    if pr.inflights.full() {
+                        pr.inflights.free_first();
+                    }
                     self.send_append(from, true);
                 }
                 self.replicate_dirty = true;
@@ -1515,10 +1534,16 @@ impl Replica for Raft {
         }
         self.lead_transferee = to;
         self.transfer_elapsed = 0;
-        let caught_up = self.progress[&to].matched == self.log.last_index();
-        if caught_up {
+        let pr = self.progress.get_mut(&to).expect("checked above");
+        if pr.matched == self.log.last_index() {
             self.send(to, Body::TimeoutNow);
         } else {
+            // Catch the target up now rather than at the next heartbeat answer: probe
+            // from its match point (appends in flight may have been lost).
+            if pr.state != ProgressState::Snapshot {
+                let next = pr.matched + 1;
+                pr.become_probe(next);
+            }
             self.replicate_dirty = true;
         }
     }

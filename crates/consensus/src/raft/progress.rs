@@ -13,11 +13,12 @@ pub enum ProgressState {
     Snapshot,
 }
 
-/// The bounded window of in-flight appends, each remembered by its last index.
+/// The bounded window of in-flight appends, each remembered by its last index and the
+/// leader tick it was sent at.
 #[derive(Clone, Debug)]
 pub struct Inflights {
     max_inflight_msgs: usize,
-    last_indices: VecDeque<u64>,
+    last_indices: VecDeque<(u64, u64)>,
 }
 
 impl Inflights {
@@ -38,18 +39,22 @@ impl Inflights {
     pub fn len(&self) -> usize {
         self.last_indices.len()
     }
-    pub fn add(&mut self, last_index: u64) {
+    pub fn add(&mut self, last_index: u64, tick: u64) {
         assert!(!self.full(), "inflight window overflow");
-        if let Some(&back) = self.last_indices.back() {
+        if let Some(&(back, _)) = self.last_indices.back() {
             assert!(last_index > back, "inflight indices must increase");
         }
-        self.last_indices.push_back(last_index);
+        self.last_indices.push_back((last_index, tick));
     }
     /// The follower acknowledged everything up to `index`.
     pub fn free_to(&mut self, index: u64) {
-        while self.last_indices.front().is_some_and(|&i| i <= index) {
+        while self.last_indices.front().is_some_and(|&(i, _)| i <= index) {
             self.last_indices.pop_front();
         }
+    }
+    /// When the oldest unacknowledged append was sent.
+    pub fn oldest_tick(&self) -> Option<u64> {
+        self.last_indices.front().map(|&(_, t)| t)
     }
     /// Frees one slot when a heartbeat shows the follower is alive but acks were lost.
     pub fn free_first(&mut self) {
@@ -151,9 +156,10 @@ mod tests {
     #[test]
     fn window_bounds_and_frees() {
         let mut f = Inflights::new(3);
-        f.add(5);
-        f.add(9);
-        f.add(12);
+        f.add(5, 1);
+        f.add(9, 1);
+        f.add(12, 2);
+        assert_eq!(f.oldest_tick(), Some(1));
         assert!(f.full());
         f.free_to(9);
         assert_eq!(f.len(), 1);
@@ -171,8 +177,8 @@ mod tests {
         assert!(!p.maybe_update(6));
         p.become_replicate();
         assert_eq!(p.next, 8);
-        p.inflights.add(9);
-        p.inflights.add(10);
+        p.inflights.add(9, 1);
+        p.inflights.add(10, 1);
         assert!(!p.can_send());
         p.become_probe(8);
         assert!(p.can_send());

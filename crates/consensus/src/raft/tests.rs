@@ -241,6 +241,7 @@ fn garbage_and_strangers_are_ignored() {
                 prev_term: 1,
                 entries: vec![],
                 commit: u64::MAX,
+                base_conf: None,
             },
         },
     );

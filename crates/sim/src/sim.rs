@@ -1,0 +1,1595 @@
+//! One simulated run: a cluster of replicas, a network, a nemesis, clients, and checkers,
+//! all driven by one seed.
+//!
+//! Time is logical. Replica ticks happen every [`UNITS_PER_TICK`] time units; messages are
+//! delivered at arbitrary units in between, so delays below one tick still reorder. Each
+//! step ticks a node, delivers a message, runs a client operation or injects a fault, then
+//! drives the touched node through its `Ready` (persist, sync, send, apply, advance) and
+//! checks the invariants that step could have broken.
+
+use crate::engine::EngineModel;
+use crate::kv::{Command, Kv, Request};
+use crate::linearizability::{self, KvOp, KvOut, Operation, Verdict};
+use crate::net::{Net, NetParams};
+use crate::rng::SimRng;
+use crate::store::SimStore;
+use concord_consensus::{
+    ConfChange, ConfChangeItem, ConfState, Config, Entry, EntryKind, HardState, NodeId,
+    ProposeError, ReadMode, ReadState, Recovered, Role, Snapshot, SnapshotMeta, NO_NODE,
+};
+use concord_storage::StorageError;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Simulator time units per replica tick.
+pub const UNITS_PER_TICK: u64 = 10;
+/// Length of the safety phase (faults on), in ticks.
+pub const SAFETY_TICKS: u64 = 600;
+/// After healing, a write must complete within this many ticks or liveness is violated.
+pub const LIVENESS_TICKS: u64 = 400;
+/// Keys the clients touch; few keys make conflicts (and checker work) likely.
+const NUM_KEYS: u8 = 3;
+/// Timeouts and refused connections a client tolerates before recording an op as
+/// indeterminate and moving on.
+const MAX_ATTEMPTS: u32 = 6;
+/// "Not leader" / "busy" answers a client tolerates for one op before giving up on it.
+const MAX_REJECTIONS: u32 = 60;
+/// Read states a node holds while waiting to apply up to their index.
+const MAX_PENDING_READS_PER_NODE: usize = 256;
+/// Expansions per key for the linearizability search before it says "inconclusive".
+const LINEARIZABILITY_STEP_LIMIT: u64 = 500_000;
+/// Ticks before a conf change that has not shown up in the leader's applied config is
+/// proposed again.
+const CONF_CHANGE_RETRY_TICKS: u64 = 30;
+/// Trace lines kept in verbose mode.
+const MAX_TRACE_LINES: usize = 20_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFaults {
+    None,
+    Corrupt,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub seed: u64,
+    pub inject_bug: Option<String>,
+    pub disk_faults: DiskFaults,
+    pub verbose: bool,
+}
+
+/// What one seed did and found.
+#[derive(Clone, Debug, Default)]
+pub struct SeedReport {
+    pub seed: u64,
+    pub nodes: usize,
+    /// The first invariant violation, with the tick it was found at.
+    pub violation: Option<String>,
+    /// Client operations in the checked history (completed, plus indeterminate writes).
+    pub ops_checked: usize,
+    pub indeterminate: usize,
+    pub inconclusive: bool,
+    pub corrupt_injected: u32,
+    pub corrupt_detected: u32,
+    pub crashes: u32,
+    pub partitions: u32,
+    pub conf_changes: u32,
+    pub transfers: u32,
+    pub snapshots_installed: u32,
+    pub messages: u64,
+    /// Distinct client commands committed.
+    pub commands_committed: u64,
+    pub commit_latency_ticks: Vec<u64>,
+    pub recovery_ticks: Vec<u64>,
+    pub ticks: u64,
+    pub trace: Vec<String>,
+}
+
+/// Per-seed fault and workload parameters.
+#[derive(Clone, Debug)]
+struct Profile {
+    n: usize,
+    crash_ppm: u32,
+    restart_after: (u64, u64),
+    partition_ppm: u32,
+    heal_after: (u64, u64),
+    conf_ppm: u32,
+    transfer_ppm: u32,
+    corrupt_share_ppm: u32,
+    compact_every: u64,
+    clients: u32,
+    client_timeout_ticks: u64,
+    think_ticks: u64,
+    read_mode: ReadMode,
+    pre_vote: bool,
+    heartbeat_ticks: u32,
+    election_ticks: u32,
+    max_inflight_msgs: usize,
+    max_batch_entries: usize,
+}
+
+impl Profile {
+    fn choose(rng: &mut SimRng, disk: DiskFaults) -> Profile {
+        let n = match rng.range(0, 10) {
+            0 => 1,
+            1..=5 => 3,
+            _ => 5,
+        };
+        Profile {
+            n,
+            crash_ppm: rng.range(0, 12_000) as u32,
+            restart_after: (5, rng.range(10, 80)),
+            partition_ppm: rng.range(0, 15_000) as u32,
+            heal_after: (10, rng.range(20, 120)),
+            conf_ppm: rng.range(0, 10_000) as u32,
+            transfer_ppm: rng.range(0, 8_000) as u32,
+            corrupt_share_ppm: if disk == DiskFaults::Corrupt {
+                rng.range(300_000, 800_000) as u32
+            } else {
+                0
+            },
+            compact_every: rng.range(4, 60),
+            clients: rng.range(2, 6) as u32,
+            client_timeout_ticks: rng.range(15, 45),
+            think_ticks: rng.range(0, 4),
+            read_mode: if rng.chance(300_000) {
+                ReadMode::Lease
+            } else {
+                ReadMode::Safe
+            },
+            pre_vote: rng.chance(700_000),
+            heartbeat_ticks: rng.range(1, 3) as u32,
+            election_ticks: rng.range(10, 16) as u32,
+            max_inflight_msgs: rng.range(1, 32) as usize,
+            max_batch_entries: rng.range(1, 32) as usize,
+        }
+    }
+}
+
+/// What a node has persisted, mirrored as (term, entry digest, chain digest) so log
+/// matching can be checked in O(1) per entry: the chain digest of index i folds in every
+/// entry up to i, so two logs agree up to i iff their chain digests at i are equal.
+#[derive(Clone, Debug, Default)]
+struct ShadowLog {
+    base_index: u64,
+    base_term: u64,
+    base_chain: u64,
+    entries: Vec<(u64, u64, u64)>,
+}
+
+impl ShadowLog {
+    fn last_index(&self) -> u64 {
+        self.base_index + self.entries.len() as u64
+    }
+    fn get(&self, index: u64) -> Option<(u64, u64, u64)> {
+        if index <= self.base_index {
+            return None;
+        }
+        self.entries
+            .get((index - self.base_index - 1) as usize)
+            .copied()
+    }
+    fn chain_at(&self, index: u64) -> Option<u64> {
+        if index == self.base_index {
+            Some(self.base_chain)
+        } else {
+            self.get(index).map(|e| e.2)
+        }
+    }
+    fn term_at(&self, index: u64) -> Option<u64> {
+        if index == self.base_index {
+            Some(self.base_term)
+        } else {
+            self.get(index).map(|e| e.0)
+        }
+    }
+    /// Drops entries up to `index`, which becomes the base.
+    fn rebase(&mut self, index: u64, term: u64, chain: u64) {
+        if index >= self.base_index && self.term_at(index) == Some(term) {
+            let drop = (index - self.base_index) as usize;
+            self.entries.drain(..drop.min(self.entries.len()));
+        } else {
+            self.entries.clear();
+        }
+        self.base_index = index;
+        self.base_term = term;
+        self.base_chain = chain;
+    }
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn bytes_digest(data: &[u8]) -> u64 {
+    // FNV-1a, then a finaliser; collisions only matter across a few thousand entries.
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in data {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    mix(h ^ data.len() as u64)
+}
+
+fn entry_digest(e: &Entry) -> u64 {
+    let kind = match e.kind {
+        EntryKind::Normal => 1,
+        EntryKind::Noop => 2,
+        EntryKind::ConfChange => 3,
+    };
+    mix(bytes_digest(&e.data) ^ mix(e.term ^ (kind << 56)))
+}
+
+fn chain(prev: u64, index: u64, term: u64, digest: u64) -> u64 {
+    mix(prev ^ mix(index.wrapping_mul(31) ^ mix(term ^ mix(digest))))
+}
+
+fn apply_conf_change(conf: &mut ConfState, cc: &ConfChange) {
+    if cc.changes.is_empty() {
+        conf.voters_outgoing.clear();
+        return;
+    }
+    if cc.changes.len() > 1 && conf.voters_outgoing.is_empty() {
+        conf.voters_outgoing = conf.voters.clone();
+    }
+    for item in &cc.changes {
+        match *item {
+            ConfChangeItem::AddVoter(x) => {
+                conf.learners.retain(|&l| l != x);
+                conf.voters.push(x);
+            }
+            ConfChangeItem::AddLearner(x) => {
+                conf.voters.retain(|&v| v != x);
+                conf.learners.push(x);
+            }
+            ConfChangeItem::Remove(x) => {
+                conf.voters.retain(|&v| v != x);
+                conf.learners.retain(|&l| l != x);
+            }
+        }
+    }
+    conf.voters.sort_unstable();
+    conf.voters.dedup();
+    conf.learners.sort_unstable();
+    conf.learners.dedup();
+}
+
+struct Node<R, S> {
+    id: NodeId,
+    replica: Option<R>,
+    store: S,
+    kv: Kv,
+    /// Membership as of `applied`, tracked by applying conf-change entries.
+    conf: ConfState,
+    applied: u64,
+    applied_term: u64,
+    snap_index: u64,
+    reads: Vec<ReadState>,
+    shadow: ShadowLog,
+    /// The hard state last written to the store.
+    hard_state: HardState,
+    /// Crash at the next persist, after writing but before syncing.
+    crash_in_persist: bool,
+    restart_at_tick: u64,
+    /// Its durable data was corrupted and the corruption is not yet detected.
+    corrupted: bool,
+    /// Its store was found corrupt: it stays down until removed from the group, then
+    /// rejoins empty.
+    wiped: bool,
+    /// The term in which leader completeness was last checked for this node.
+    leader_checked_term: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Pending {
+    Write(Request),
+    Read { key: u8 },
+}
+
+#[derive(Clone, Debug)]
+struct InFlight {
+    op_index: usize,
+    req: u64,
+    what: Pending,
+    /// The node the current attempt waits on (`NO_NODE` between attempts).
+    node: NodeId,
+    attempt: u32,
+    rejections: u32,
+    deadline: u64,
+    retry_at: u64,
+}
+
+struct Client {
+    id: u32,
+    next_req: u64,
+    next_value: u64,
+    hint: NodeId,
+    busy: Option<InFlight>,
+    idle_until: u64,
+    /// Last value seen per key, used as a plausible CAS expectation.
+    seen: [u64; NUM_KEYS as usize],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CyclePhase {
+    Remove,
+    AddLearner,
+    Promote,
+}
+
+/// A membership change in progress: remove a node, add it back as a learner, promote it.
+#[derive(Clone, Debug)]
+struct Cycle {
+    node: NodeId,
+    phase: CyclePhase,
+    /// The node lost its data: rebuild it empty once it is out of the group.
+    wipe: bool,
+    proposed_at_tick: Option<u64>,
+}
+
+pub struct Sim<R: EngineModel, S: SimStore> {
+    opts: RunOptions,
+    rng: SimRng,
+    profile: Profile,
+    initial: ConfState,
+    nodes: Vec<Node<R, S>>,
+    net: Net<R::Message>,
+    clients: Vec<Client>,
+    now: u64,
+    faults_on: bool,
+    heal_at_tick: Option<u64>,
+    cycle: Option<Cycle>,
+    // --- checker state ---
+    leaders_by_term: BTreeMap<u64, NodeId>,
+    /// Log matching registry: (index, term) -> chain digest.
+    chains: HashMap<(u64, u64), u64>,
+    /// State-machine safety: index -> (term, digest) of the entry first applied there.
+    applied_log: Vec<Option<(u64, u64)>>,
+    /// Digest of the state-machine snapshot at an index, first seen.
+    snap_digests: HashMap<u64, u64>,
+    /// Digests of every payload a client proposed: anything else applied is corrupt.
+    proposed: HashSet<u64>,
+    // --- history ---
+    ops: Vec<Operation>,
+    seq: u64,
+    liveness_from_seq: Option<u64>,
+    liveness_ok: bool,
+    // --- metrics ---
+    first_propose: BTreeMap<(u32, u64), u64>,
+    recovery_from: Option<(u64, u64)>,
+    report: SeedReport,
+}
+
+impl<R: EngineModel, S: SimStore> Sim<R, S> {
+    pub fn new(opts: RunOptions) -> Result<Self, String> {
+        let mut rng = SimRng::new(opts.seed);
+        let profile = Profile::choose(&mut rng, opts.disk_faults);
+        let initial = ConfState::new(1..=profile.n as u64);
+        let params = NetParams {
+            delay_min: 1,
+            delay_max: rng.range(2, 3 * UNITS_PER_TICK),
+            loss_ppm: rng.range(0, 50_000) as u32,
+            dup_ppm: rng.range(0, 30_000) as u32,
+        };
+        let clients = (1..=profile.clients)
+            .map(|id| Client {
+                id,
+                next_req: 1,
+                next_value: 1,
+                hint: NO_NODE,
+                busy: None,
+                idle_until: 0,
+                seen: [0; NUM_KEYS as usize],
+            })
+            .collect();
+        let report = SeedReport {
+            seed: opts.seed,
+            nodes: profile.n,
+            ..SeedReport::default()
+        };
+        let mut sim = Sim {
+            opts,
+            rng,
+            profile,
+            initial,
+            nodes: Vec::new(),
+            net: Net::new(params),
+            clients,
+            now: 0,
+            faults_on: true,
+            heal_at_tick: None,
+            cycle: None,
+            leaders_by_term: BTreeMap::new(),
+            chains: HashMap::new(),
+            applied_log: Vec::new(),
+            snap_digests: HashMap::new(),
+            proposed: HashSet::new(),
+            ops: Vec::new(),
+            seq: 0,
+            liveness_from_seq: None,
+            liveness_ok: false,
+            first_propose: BTreeMap::new(),
+            recovery_from: None,
+            report,
+        };
+        for id in 1..=sim.profile.n as u64 {
+            let config = sim.config(id);
+            let replica = R::create(config, sim.initial.clone(), Recovered::default())
+                .map_err(|e| format!("cannot create replica {id}: {e}"))?;
+            sim.nodes.push(Node {
+                id,
+                replica: Some(replica),
+                store: S::fresh(),
+                kv: Kv::default(),
+                conf: sim.initial.clone(),
+                applied: 0,
+                applied_term: 0,
+                snap_index: 0,
+                reads: Vec::new(),
+                shadow: ShadowLog::default(),
+                hard_state: HardState::default(),
+                crash_in_persist: false,
+                restart_at_tick: 0,
+                corrupted: false,
+                wiped: false,
+                leader_checked_term: 0,
+            });
+        }
+        Ok(sim)
+    }
+
+    fn config(&mut self, id: NodeId) -> Config {
+        let p = &self.profile;
+        let mut c = Config::new(id);
+        c.seed = self.rng.fork();
+        c.heartbeat_ticks = p.heartbeat_ticks;
+        c.election_ticks = p.election_ticks;
+        c.pre_vote = p.pre_vote;
+        c.check_quorum = true;
+        c.read_mode = p.read_mode;
+        c.max_inflight_msgs = p.max_inflight_msgs;
+        c.max_batch_entries = p.max_batch_entries;
+        c.max_pending_reads = 64;
+        c.inject_bug = self.opts.inject_bug.clone();
+        c
+    }
+
+    fn tick_now(&self) -> u64 {
+        self.now / UNITS_PER_TICK
+    }
+
+    fn trace(&mut self, line: impl FnOnce() -> String) {
+        if self.opts.verbose && self.report.trace.len() < MAX_TRACE_LINES {
+            let t = self.tick_now();
+            self.report.trace.push(format!("[t={t}] {}", line()));
+        }
+    }
+
+    fn fail(&mut self, what: String) {
+        if self.report.violation.is_none() {
+            let t = self.tick_now();
+            self.trace(|| format!("VIOLATION: {what}"));
+            self.report.violation = Some(format!("{what} (at tick {t})"));
+        }
+    }
+
+    fn idx(id: NodeId) -> usize {
+        (id - 1) as usize
+    }
+
+    fn is_up(&self, id: NodeId) -> bool {
+        self.nodes
+            .get(Self::idx(id))
+            .is_some_and(|n| n.replica.is_some())
+    }
+
+    /// Runs the safety phase, then the liveness phase, then the history check.
+    pub fn run(mut self) -> SeedReport {
+        let safety_end = SAFETY_TICKS * UNITS_PER_TICK;
+        self.run_until(safety_end);
+        if self.report.violation.is_none() {
+            self.start_liveness();
+            let end = self.now + LIVENESS_TICKS * UNITS_PER_TICK;
+            self.run_until(end);
+            if self.report.violation.is_none() && !self.liveness_ok {
+                for i in 0..self.nodes.len() {
+                    let n = &self.nodes[i];
+                    let line = match &n.replica {
+                        Some(r) => format!("node {} status {:?}", n.id, r.status()),
+                        None => format!("node {} down (wiped: {})", n.id, n.wiped),
+                    };
+                    self.trace(|| line);
+                }
+                self.fail(format!(
+                    "liveness: no client write completed within {LIVENESS_TICKS} ticks after \
+                     healing every fault"
+                ));
+            }
+        }
+        self.finish()
+    }
+
+    fn run_until(&mut self, end: u64) {
+        while self.report.violation.is_none() && self.now < end {
+            if self.liveness_from_seq.is_some() && self.liveness_ok {
+                break;
+            }
+            if self.now.is_multiple_of(UNITS_PER_TICK) {
+                self.on_tick();
+            }
+            while self.report.violation.is_none() {
+                let Some(env) = self.net.pop_due(self.now) else {
+                    break;
+                };
+                if self.is_up(env.to) {
+                    if let Some(r) = self.nodes[Self::idx(env.to)].replica.as_mut() {
+                        r.step(env.from, env.msg);
+                    }
+                    self.drive(env.to);
+                }
+            }
+            let next_tick = (self.now / UNITS_PER_TICK + 1) * UNITS_PER_TICK;
+            let next = self.net.next_time().map_or(next_tick, |t| t.min(next_tick));
+            self.now = next.max(self.now + 1);
+        }
+        self.report.ticks = self.tick_now();
+    }
+
+    fn start_liveness(&mut self) {
+        self.trace(|| "liveness phase: heal everything".into());
+        self.faults_on = false;
+        self.net.heal();
+        self.heal_at_tick = None;
+        self.net.params.loss_ppm = 0;
+        self.net.params.dup_ppm = 0;
+        self.recovery_from = None;
+        for id in 1..=self.profile.n as u64 {
+            let n = &mut self.nodes[Self::idx(id)];
+            n.crash_in_persist = false;
+            if n.replica.is_none() && !n.wiped {
+                self.restart(id);
+            }
+        }
+        self.liveness_from_seq = Some(self.seq);
+    }
+
+    // ----------------------------------------------------------------- one tick
+
+    fn on_tick(&mut self) {
+        let tick = self.tick_now();
+        let mut order: Vec<NodeId> = (1..=self.profile.n as u64).collect();
+        self.rng.shuffle(&mut order);
+        for id in order {
+            if self.report.violation.is_some() {
+                return;
+            }
+            if let Some(r) = self.nodes[Self::idx(id)].replica.as_mut() {
+                r.tick();
+                self.drive(id);
+            }
+        }
+        if self.faults_on {
+            self.nemesis(tick);
+        }
+        self.membership(tick);
+        self.clients_step();
+    }
+
+    /// The live leader with the highest term, if any.
+    fn leader(&self) -> Option<(NodeId, u64)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.replica.as_ref().map(|r| (n.id, r.status())))
+            .filter(|(_, s)| s.role == Role::Leader)
+            .map(|(id, s)| (id, s.term))
+            .max_by_key(|&(_, t)| t)
+    }
+
+    fn nemesis(&mut self, tick: u64) {
+        let n = self.profile.n as u64;
+        // Restarts.
+        for id in 1..=n {
+            let node = &mut self.nodes[Self::idx(id)];
+            if node.replica.is_some() && node.crash_in_persist {
+                // The crash armed for "during the next persist" did not meet one: crash now.
+                self.crash(id);
+            } else if node.replica.is_none() && !node.wiped && node.restart_at_tick <= tick {
+                self.restart(id);
+            }
+        }
+        let leader = self.leader();
+        // Crashes.
+        if self.rng.chance(self.profile.crash_ppm) {
+            let victim = match leader {
+                Some((l, _)) if self.rng.chance(400_000) => l,
+                _ => self.rng.range(1, n + 1),
+            };
+            if self.is_up(victim) {
+                if let Some((l, term)) = leader {
+                    if l == victim && self.recovery_from.is_none() {
+                        self.recovery_from = Some((self.now, term));
+                    }
+                }
+                let wait = self
+                    .rng
+                    .range(self.profile.restart_after.0, self.profile.restart_after.1);
+                self.nodes[Self::idx(victim)].restart_at_tick = tick + wait;
+                // One data loss at a time, and never during a membership cycle: losing a
+                // second replica's data, or one a shrunken group needs, can lose the group.
+                let corrupt = n >= 3
+                    && self.nodes.iter().all(|x| !x.wiped && !x.corrupted)
+                    && self.cycle.is_none()
+                    && self.rng.chance(self.profile.corrupt_share_ppm);
+                if corrupt && self.nodes[Self::idx(victim)].store.corrupt(&mut self.rng) {
+                    self.nodes[Self::idx(victim)].corrupted = true;
+                    self.report.corrupt_injected += 1;
+                    self.trace(|| format!("corrupt durable data of node {victim}"));
+                }
+                if self.rng.chance(500_000) {
+                    self.trace(|| format!("arm crash of node {victim} during its next persist"));
+                    self.nodes[Self::idx(victim)].crash_in_persist = true;
+                } else {
+                    self.crash(victim);
+                }
+            }
+        }
+        // Partitions.
+        if let Some(at) = self.heal_at_tick {
+            if tick >= at {
+                self.trace(|| "heal partition".into());
+                self.net.heal();
+                self.heal_at_tick = None;
+            }
+        } else if n >= 3 && self.rng.chance(self.profile.partition_ppm) {
+            self.partition(leader, tick);
+        }
+        // Leadership transfer.
+        if let Some((l, _)) = leader {
+            if n >= 3 && self.rng.chance(self.profile.transfer_ppm) {
+                let voters = self.nodes[Self::idx(l)].conf.voters.clone();
+                if let Some(&to) = voters.iter().find(|&&v| v != l && self.rng.chance(500_000)) {
+                    self.report.transfers += 1;
+                    self.trace(|| format!("transfer leadership {l} -> {to}"));
+                    if let Some(r) = self.nodes[Self::idx(l)].replica.as_mut() {
+                        r.transfer_leader(to);
+                    }
+                    self.drive(l);
+                }
+            }
+        }
+        // Membership cycles.
+        let data_loss = self.nodes.iter().any(|x| x.wiped || x.corrupted);
+        if self.cycle.is_none() && !data_loss && n >= 3 && self.rng.chance(self.profile.conf_ppm) {
+            let x = self.rng.range(1, n + 1);
+            self.trace(|| format!("start membership cycle on node {x}"));
+            self.cycle = Some(Cycle {
+                node: x,
+                phase: CyclePhase::Remove,
+                wipe: false,
+                proposed_at_tick: None,
+            });
+        }
+    }
+
+    fn partition(&mut self, leader: Option<(NodeId, u64)>, tick: u64) {
+        let n = self.profile.n as u64;
+        let mut all: Vec<NodeId> = (1..=n).collect();
+        self.rng.shuffle(&mut all);
+        let kind = self.rng.range(0, 4);
+        let (a, b, label): (Vec<NodeId>, Vec<NodeId>, &str) = match (kind, leader) {
+            (1, Some((l, term))) => {
+                if self.recovery_from.is_none() {
+                    self.recovery_from = Some((self.now, term));
+                }
+                let rest = all.iter().copied().filter(|&x| x != l).collect();
+                (vec![l], rest, "isolate leader")
+            }
+            (2, _) => {
+                let minority = (n as usize - 1) / 2;
+                let (a, b) = all.split_at(minority);
+                (a.to_vec(), b.to_vec(), "minority/majority")
+            }
+            (3, _) => {
+                // all[0] is the bridge: it keeps links to both sides.
+                let half = 1 + (n as usize - 1) / 2;
+                (all[1..half].to_vec(), all[half..].to_vec(), "bridge")
+            }
+            _ => {
+                let k = self.rng.range(1, n) as usize;
+                let (a, b) = all.split_at(k);
+                (a.to_vec(), b.to_vec(), "random")
+            }
+        };
+        self.net.cut_between(&a, &b);
+        self.report.partitions += 1;
+        let heal = self
+            .rng
+            .range(self.profile.heal_after.0, self.profile.heal_after.1);
+        self.heal_at_tick = Some(tick + heal);
+        self.trace(|| format!("partition ({label}) {a:?} | {b:?} for {heal} ticks"));
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        let node = &mut self.nodes[Self::idx(id)];
+        node.replica = None;
+        node.crash_in_persist = false;
+        node.reads.clear();
+        node.store.crash(&mut self.rng);
+        self.report.crashes += 1;
+        self.trace(|| format!("crash node {id}"));
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        let i = Self::idx(id);
+        let rec = match self.nodes[i].store.recover() {
+            Ok(rec) => rec,
+            Err(StorageError::Corrupt { detail, .. }) => {
+                self.report.corrupt_detected += 1;
+                self.trace(|| format!("node {id}: corruption detected on recovery ({detail})"));
+                let node = &mut self.nodes[i];
+                node.wiped = true;
+                node.corrupted = false;
+                node.store = S::fresh();
+                self.start_wipe_cycle(id);
+                return;
+            }
+            Err(e) => {
+                self.fail(format!("node {id}: store failed to recover: {e}"));
+                return;
+            }
+        };
+        if self.nodes[i].corrupted {
+            self.fail(format!(
+                "node {id}: its durable data was corrupted but recovery did not detect it"
+            ));
+            return;
+        }
+        let mut kv = Kv::default();
+        let mut conf = self.initial.clone();
+        let (mut base_index, mut base_term) = (0, 0);
+        if let Some(snap) = &rec.snapshot {
+            match Kv::restore(&snap.data) {
+                Ok(k) => kv = k,
+                Err(e) => {
+                    self.fail(format!("node {id}: recovered snapshot undecodable: {e}"));
+                    return;
+                }
+            }
+            self.check_snapshot_digest(id, snap.meta.index, &snap.data);
+            conf = snap.meta.conf.clone();
+            base_index = snap.meta.index;
+            base_term = snap.meta.term;
+        }
+        if rec.applied != base_index {
+            self.fail(format!(
+                "node {id}: store recovered applied={} but snapshot index {base_index}",
+                rec.applied
+            ));
+            return;
+        }
+        let base_chain = self.base_chain(base_index, base_term);
+        let node = &mut self.nodes[i];
+        node.kv = kv;
+        node.conf = conf;
+        node.applied = base_index;
+        node.applied_term = base_term;
+        node.snap_index = base_index;
+        node.hard_state = rec.hard_state;
+        node.shadow = ShadowLog {
+            base_index,
+            base_term,
+            base_chain,
+            entries: Vec::new(),
+        };
+        node.leader_checked_term = 0;
+        let entries = rec.entries.clone();
+        if !entries.is_empty() {
+            if entries[0].index != base_index + 1 {
+                self.fail(format!(
+                    "node {id}: recovered log starts at {} after snapshot {base_index}",
+                    entries[0].index
+                ));
+                return;
+            }
+            self.shadow_append(id, &entries);
+        }
+        let config = self.config(id);
+        match R::create(config, self.initial.clone(), rec) {
+            Ok(r) => self.nodes[i].replica = Some(r),
+            Err(e) => {
+                self.fail(format!("node {id}: cannot restart replica: {e}"));
+                return;
+            }
+        }
+        self.trace(|| format!("restart node {id} (snapshot {base_index})"));
+        self.drive(id);
+    }
+
+    fn base_chain(&self, index: u64, term: u64) -> u64 {
+        if index == 0 {
+            return 0;
+        }
+        self.chains
+            .get(&(index, term))
+            .copied()
+            .unwrap_or_else(|| mix(index ^ mix(term)))
+    }
+
+    fn start_wipe_cycle(&mut self, id: NodeId) {
+        match &mut self.cycle {
+            Some(c) if c.node == id => {
+                c.wipe = true;
+                c.phase = CyclePhase::Remove;
+                c.proposed_at_tick = None;
+            }
+            _ => {
+                // Another cycle may be running; the wipe cycle waits for it in `membership`.
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------- membership
+
+    fn membership(&mut self, tick: u64) {
+        if self.cycle.is_none() {
+            if let Some(w) = self.nodes.iter().find(|n| n.wiped).map(|n| n.id) {
+                self.trace(|| format!("start rejoin cycle for wiped node {w}"));
+                self.cycle = Some(Cycle {
+                    node: w,
+                    phase: CyclePhase::Remove,
+                    wipe: true,
+                    proposed_at_tick: None,
+                });
+            }
+        }
+        let Some(mut cycle) = self.cycle.clone() else {
+            return;
+        };
+        let Some((leader, _)) = self.leader() else {
+            return;
+        };
+        let x = cycle.node;
+        let conf = self.nodes[Self::idx(leader)].conf.clone();
+        let (done, change) = match cycle.phase {
+            CyclePhase::Remove => (!conf.all_nodes().contains(&x), ConfChangeItem::Remove(x)),
+            CyclePhase::AddLearner => (conf.learners.contains(&x), ConfChangeItem::AddLearner(x)),
+            CyclePhase::Promote => (conf.voters.contains(&x), ConfChangeItem::AddVoter(x)),
+        };
+        if done {
+            cycle.proposed_at_tick = None;
+            match cycle.phase {
+                CyclePhase::Remove => {
+                    if cycle.wipe {
+                        self.rebuild_empty(x);
+                    }
+                    cycle.phase = CyclePhase::AddLearner;
+                }
+                CyclePhase::AddLearner => cycle.phase = CyclePhase::Promote,
+                CyclePhase::Promote => {
+                    self.trace(|| format!("membership cycle on node {x} done"));
+                    self.cycle = None;
+                    return;
+                }
+            }
+            self.cycle = Some(cycle);
+            return;
+        }
+        let due = cycle
+            .proposed_at_tick
+            .is_none_or(|t| tick >= t + CONF_CHANGE_RETRY_TICKS);
+        // Removing the last voter would leave no group at all.
+        let last_voter = matches!(change, ConfChangeItem::Remove(_)) && conf.voters.len() <= 1;
+        if due && !last_voter {
+            let cc = ConfChange {
+                changes: vec![change],
+            };
+            let res = match self.nodes[Self::idx(leader)].replica.as_mut() {
+                Some(r) => r.propose_conf_change(cc),
+                None => return,
+            };
+            if res.is_ok() {
+                self.report.conf_changes += 1;
+                cycle.proposed_at_tick = Some(tick);
+                self.trace(|| format!("propose {change:?} at leader {leader}"));
+            }
+            self.cycle = Some(cycle);
+            self.drive(leader);
+        }
+    }
+
+    /// A node whose data was lost rejoins as a brand-new, empty member: it knows no
+    /// configuration and no votes, which is safe only because it was removed first.
+    fn rebuild_empty(&mut self, id: NodeId) {
+        let config = self.config(id);
+        let replica = match R::create(config, ConfState::default(), Recovered::default()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(format!("node {id}: cannot rebuild empty replica: {e}"));
+                return;
+            }
+        };
+        let node = &mut self.nodes[Self::idx(id)];
+        node.replica = Some(replica);
+        node.store = S::fresh();
+        node.kv = Kv::default();
+        node.conf = ConfState::default();
+        node.applied = 0;
+        node.applied_term = 0;
+        node.snap_index = 0;
+        node.reads.clear();
+        node.shadow = ShadowLog::default();
+        node.hard_state = HardState::default();
+        node.crash_in_persist = false;
+        node.corrupted = false;
+        node.wiped = false;
+        node.leader_checked_term = 0;
+        self.trace(|| format!("node {id} rebuilt empty; it rejoins as a learner"));
+        self.drive(id);
+    }
+
+    // ----------------------------------------------------------------- Ready
+
+    /// Drives a node through every pending `Ready`, in contract order, then checks it.
+    fn drive(&mut self, id: NodeId) {
+        let i = Self::idx(id);
+        // Bounded: a replica that keeps producing work forever is itself a bug.
+        for _ in 0..1000 {
+            if self.report.violation.is_some() {
+                return;
+            }
+            let rd = match self.nodes[i].replica.as_mut() {
+                Some(r) if r.has_ready() => r.ready(),
+                _ => {
+                    self.check_node(id);
+                    return;
+                }
+            };
+            // 1. Persist.
+            let prev_hs = self.nodes[i].hard_state;
+            let needs_sync = rd.snapshot.is_some()
+                || !rd.entries.is_empty()
+                || rd
+                    .hard_state
+                    .is_some_and(|h| (h.term, h.vote) != (prev_hs.term, prev_hs.vote));
+            let mut wrote = false;
+            if let Some(snap) = &rd.snapshot {
+                wrote = true;
+                self.persist_snapshot(id, snap);
+            }
+            if !rd.entries.is_empty() {
+                wrote = true;
+                let prev = self.nodes[i].hard_state;
+                if let Err(e) = R::check_persist(&prev, &rd.entries, rd.hard_state.as_ref()) {
+                    self.fail(format!("node {id}: {e}"));
+                    return;
+                }
+                if let Err(e) = self.nodes[i].store.append(&rd.entries) {
+                    self.fail(format!("node {id}: store rejected append: {e}"));
+                    return;
+                }
+                self.shadow_append(id, &rd.entries);
+            }
+            if let Some(hs) = rd.hard_state {
+                wrote = true;
+                self.check_hard_state(id, hs);
+                if let Err(e) = self.nodes[i].store.set_hard_state(hs) {
+                    self.fail(format!("node {id}: store rejected hard state: {e}"));
+                    return;
+                }
+                self.nodes[i].hard_state = hs;
+            }
+            if self.report.violation.is_some() {
+                return;
+            }
+            // Only a commit-index change may be persisted lazily (see `HardState`).
+            if needs_sync && !rd.must_sync {
+                self.fail(format!(
+                    "node {id}: Ready carried durable state but must_sync was false"
+                ));
+                return;
+            }
+            if self.nodes[i].crash_in_persist && wrote {
+                // Power loss between write and fsync: the messages never leave.
+                self.trace(|| format!("node {id} crashes before fsync"));
+                self.crash(id);
+                return;
+            }
+            if rd.must_sync {
+                if let Err(e) = self.nodes[i].store.sync() {
+                    self.fail(format!("node {id}: sync failed: {e}"));
+                    return;
+                }
+            }
+            // 2. Send.
+            for m in rd.messages {
+                self.net.send(self.now, id, m.to, m.msg, &mut self.rng);
+            }
+            // 3. Apply.
+            for e in rd.committed {
+                self.apply_entry(id, e);
+                if self.report.violation.is_some() {
+                    return;
+                }
+            }
+            let node = &mut self.nodes[i];
+            node.reads.extend(rd.read_states);
+            if node.reads.len() > MAX_PENDING_READS_PER_NODE {
+                // Oldest first: their clients have likely timed out already.
+                let excess = node.reads.len() - MAX_PENDING_READS_PER_NODE;
+                node.reads.drain(..excess);
+            }
+            self.serve_reads(id);
+            // 4. Advance.
+            if let Some(r) = self.nodes[i].replica.as_mut() {
+                r.advance();
+            }
+            self.maybe_compact(id);
+        }
+        self.fail(format!("node {id}: still has work after 1000 Ready rounds"));
+    }
+
+    fn persist_snapshot(&mut self, id: NodeId, snap: &Snapshot) {
+        let i = Self::idx(id);
+        if snap.meta.index <= self.nodes[i].applied {
+            self.fail(format!(
+                "node {id}: received snapshot at {} but has applied {} already",
+                snap.meta.index, self.nodes[i].applied
+            ));
+            return;
+        }
+        if let Err(e) = self.nodes[i].store.install_snapshot(snap) {
+            self.fail(format!("node {id}: store rejected snapshot: {e}"));
+            return;
+        }
+        let kv = match Kv::restore(&snap.data) {
+            Ok(kv) => kv,
+            Err(e) => {
+                self.fail(format!("node {id}: snapshot data undecodable: {e}"));
+                return;
+            }
+        };
+        self.check_snapshot_digest(id, snap.meta.index, &snap.data);
+        let chain = self.base_chain(snap.meta.index, snap.meta.term);
+        let node = &mut self.nodes[i];
+        node.shadow.rebase(snap.meta.index, snap.meta.term, chain);
+        node.kv = kv;
+        node.conf = snap.meta.conf.clone();
+        node.applied = snap.meta.index;
+        node.applied_term = snap.meta.term;
+        node.snap_index = snap.meta.index;
+        node.reads.clear();
+        self.report.snapshots_installed += 1;
+        self.trace(|| format!("node {id} installs snapshot at {}", snap.meta.index));
+    }
+
+    fn check_hard_state(&mut self, id: NodeId, hs: HardState) {
+        let prev = self.nodes[Self::idx(id)].hard_state;
+        if hs.term < prev.term {
+            self.fail(format!(
+                "node {id}: persisted term went back from {} to {}",
+                prev.term, hs.term
+            ));
+        } else if hs.term == prev.term && prev.vote != NO_NODE && hs.vote != prev.vote {
+            self.fail(format!(
+                "node {id}: changed its vote in term {} from {} to {}",
+                hs.term, prev.vote, hs.vote
+            ));
+        }
+    }
+
+    /// Mirrors an append and checks log matching through the chain registry.
+    fn shadow_append(&mut self, id: NodeId, entries: &[Entry]) {
+        let i = Self::idx(id);
+        let first = entries[0].index;
+        let shadow = &mut self.nodes[i].shadow;
+        if first > shadow.last_index() + 1 {
+            let last = shadow.last_index();
+            self.fail(format!(
+                "node {id}: appended entry {first} leaves a gap after {last}"
+            ));
+            return;
+        }
+        let mut bad = None;
+        for e in entries {
+            if e.index <= shadow.base_index {
+                continue;
+            }
+            let keep = (e.index - shadow.base_index - 1) as usize;
+            shadow.entries.truncate(keep);
+            let prev = shadow.chain_at(e.index - 1).expect("contiguous");
+            let d = entry_digest(e);
+            let c = chain(prev, e.index, e.term, d);
+            shadow.entries.push((e.term, d, c));
+            if R::log_matching() {
+                let known = *self.chains.entry((e.index, e.term)).or_insert(c);
+                if known != c && bad.is_none() {
+                    bad = Some(e.index);
+                }
+            }
+        }
+        if let Some(index) = bad {
+            let term = self.nodes[i].shadow.term_at(index).unwrap_or(0);
+            self.fail(format!(
+                "log matching: node {id} persisted entry {index}@{term} whose log prefix \
+                 differs from another node's entry {index}@{term}"
+            ));
+        }
+    }
+
+    fn check_snapshot_digest(&mut self, id: NodeId, index: u64, data: &[u8]) {
+        let d = bytes_digest(data);
+        let known = *self.snap_digests.entry(index).or_insert(d);
+        if known != d {
+            self.fail(format!(
+                "state-machine safety: node {id}'s snapshot at index {index} differs from \
+                 another node's state at that index"
+            ));
+        }
+    }
+
+    fn apply_entry(&mut self, id: NodeId, e: Entry) {
+        let i = Self::idx(id);
+        let node = &self.nodes[i];
+        if e.index != node.applied + 1 {
+            self.fail(format!(
+                "node {id}: applied entry {} right after {}",
+                e.index, node.applied
+            ));
+            return;
+        }
+        let d = entry_digest(&e);
+        // The contract: committed entries are durable on this node.
+        if let Some((term, digest, _)) = node.shadow.get(e.index) {
+            if term != e.term || digest != d {
+                self.fail(format!(
+                    "node {id}: committed entry {}@{} differs from what it persisted",
+                    e.index, e.term
+                ));
+                return;
+            }
+        } else if e.index > node.shadow.base_index {
+            self.fail(format!(
+                "node {id}: committed entry {}@{} that it never persisted",
+                e.index, e.term
+            ));
+            return;
+        }
+        // State-machine safety.
+        let slot = (e.index - 1) as usize;
+        if self.applied_log.len() <= slot {
+            self.applied_log.resize(slot + 1, None);
+        }
+        let first_apply = match self.applied_log[slot] {
+            Some((t, dig)) if (t, dig) != (e.term, d) => {
+                self.fail(format!(
+                    "state-machine safety: node {id} applied {}@{} but another node applied \
+                     {}@{t} (or different data) at that index",
+                    e.index, e.term, e.index
+                ));
+                return;
+            }
+            Some(_) => false,
+            None => {
+                self.applied_log[slot] = Some((e.term, d));
+                true
+            }
+        };
+        if first_apply {
+            if let Some((from, term)) = self.recovery_from {
+                if e.term > term {
+                    self.report
+                        .recovery_ticks
+                        .push((self.now - from) / UNITS_PER_TICK);
+                    self.recovery_from = None;
+                }
+            }
+        }
+        match e.kind {
+            EntryKind::Normal => {
+                if !self.proposed.contains(&bytes_digest(&e.data)) {
+                    self.fail(format!(
+                        "node {id} applied entry {} whose data no client proposed (corrupt?)",
+                        e.index
+                    ));
+                    return;
+                }
+                let req = match Request::decode(&e.data) {
+                    Ok(r) => r,
+                    Err(why) => {
+                        self.fail(format!("node {id} applied undecodable entry: {why}"));
+                        return;
+                    }
+                };
+                if first_apply {
+                    if let Some(t0) = self.first_propose.remove(&(req.client, req.req)) {
+                        self.report.commands_committed += 1;
+                        self.report
+                            .commit_latency_ticks
+                            .push((self.now - t0) / UNITS_PER_TICK);
+                    }
+                }
+                let out = self.nodes[i].kv.apply(&req);
+                if let Some(out) = out {
+                    self.respond(id, req.client, req.req, None, out);
+                }
+            }
+            EntryKind::Noop => {}
+            EntryKind::ConfChange => match ConfChange::decode(&e.data) {
+                Ok(cc) => apply_conf_change(&mut self.nodes[i].conf, &cc),
+                Err(why) => {
+                    self.fail(format!("node {id} applied undecodable conf change: {why}"));
+                    return;
+                }
+            },
+        }
+        let node = &mut self.nodes[i];
+        node.applied = e.index;
+        node.applied_term = e.term;
+    }
+
+    fn serve_reads(&mut self, id: NodeId) {
+        let i = Self::idx(id);
+        let applied = self.nodes[i].applied;
+        if self.nodes[i].reads.iter().all(|r| r.index > applied) {
+            return;
+        }
+        let (ready, waiting): (Vec<ReadState>, Vec<ReadState>) = self.nodes[i]
+            .reads
+            .drain(..)
+            .partition(|r| r.index <= applied);
+        self.nodes[i].reads = waiting;
+        for rs in ready {
+            let Some((client, req, attempt)) = decode_ctx(&rs.ctx) else {
+                self.fail(format!("node {id}: read state with a foreign ctx"));
+                return;
+            };
+            let key = match self.clients.get((client as usize).wrapping_sub(1)) {
+                Some(Client {
+                    busy:
+                        Some(InFlight {
+                            what: Pending::Read { key },
+                            ..
+                        }),
+                    ..
+                }) => *key,
+                _ => continue,
+            };
+            let v = self.nodes[i].kv.get(key);
+            self.respond(id, client, req, Some(attempt), KvOut::Value(v));
+        }
+    }
+
+    fn maybe_compact(&mut self, id: NodeId) {
+        let i = Self::idx(id);
+        let node = &self.nodes[i];
+        if node.replica.is_none() || node.applied < node.snap_index + self.profile.compact_every {
+            return;
+        }
+        let index = node.applied;
+        let data = node.kv.snapshot();
+        let meta = SnapshotMeta {
+            index,
+            term: node.applied_term,
+            conf: node.conf.clone(),
+        };
+        self.check_snapshot_digest(id, index, &data);
+        let chain = match self.nodes[i].shadow.chain_at(index) {
+            Some(c) => c,
+            None => self.base_chain(index, meta.term),
+        };
+        let snap = Snapshot {
+            meta,
+            data: data.clone(),
+        };
+        let node = &mut self.nodes[i];
+        if let Err(e) = node.store.install_snapshot(&snap) {
+            self.fail(format!("node {id}: store rejected local snapshot: {e}"));
+            return;
+        }
+        node.shadow.rebase(index, snap.meta.term, chain);
+        node.snap_index = index;
+        if let Some(r) = node.replica.as_mut() {
+            r.compact(index, data);
+        }
+    }
+
+    // ----------------------------------------------------------------- checks
+
+    /// Election safety and leader completeness for the node just driven.
+    fn check_node(&mut self, id: NodeId) {
+        let i = Self::idx(id);
+        let Some(st) = self.nodes[i].replica.as_ref().map(|r| r.status()) else {
+            return;
+        };
+        if st.role != Role::Leader {
+            return;
+        }
+        let other = *self.leaders_by_term.entry(st.term).or_insert(id);
+        if other != id {
+            self.fail(format!(
+                "election safety: nodes {other} and {id} both led term {}",
+                st.term
+            ));
+            return;
+        }
+        if self.nodes[i].leader_checked_term == st.term {
+            return;
+        }
+        self.nodes[i].leader_checked_term = st.term;
+        self.trace(|| format!("node {id} leads term {}", st.term));
+        if !R::leader_completeness() {
+            return;
+        }
+        let shadow = &self.nodes[i].shadow;
+        let start = shadow.base_index + 1;
+        for index in start..=self.applied_log.len() as u64 {
+            let Some((term, digest)) = self.applied_log[(index - 1) as usize] else {
+                continue;
+            };
+            match shadow.get(index) {
+                Some((t, d, _)) if t == term && d == digest => {}
+                _ => {
+                    self.fail(format!(
+                        "leader completeness: leader {id} of term {} lacks committed entry \
+                         {index}@{term}",
+                        st.term
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------- clients
+
+    fn clients_step(&mut self) {
+        for c in 0..self.clients.len() {
+            if self.report.violation.is_some() {
+                return;
+            }
+            self.client_step(c);
+        }
+    }
+
+    fn client_step(&mut self, c: usize) {
+        let now = self.now;
+        let Some(f) = self.clients[c].busy.clone() else {
+            if now >= self.clients[c].idle_until {
+                self.begin_op(c);
+            }
+            return;
+        };
+        if f.node != NO_NODE {
+            if now >= f.deadline {
+                self.retry(c, true);
+            }
+            return;
+        }
+        if now < f.retry_at {
+            return;
+        }
+        // Submit an attempt to whoever the client believes leads.
+        let n = self.profile.n as u64;
+        let hint = self.clients[c].hint;
+        let target = if hint != NO_NODE && hint <= n {
+            hint
+        } else {
+            self.rng.range(1, n + 1)
+        };
+        let client_id = self.clients[c].id;
+        let Some(r) = self.nodes[Self::idx(target)].replica.as_mut() else {
+            // Connection refused: the attempt certainly did nothing.
+            self.clients[c].hint = NO_NODE;
+            self.retry(c, true);
+            return;
+        };
+        let res = match &f.what {
+            Pending::Write(req) => r.propose(req.encode()),
+            Pending::Read { .. } => r.read_index(encode_ctx(client_id, f.req, f.attempt)),
+        };
+        match res {
+            Ok(()) => {
+                if let Pending::Write(req) = &f.what {
+                    self.first_propose
+                        .entry((req.client, req.req))
+                        .or_insert(now);
+                }
+                let timeout = self.profile.client_timeout_ticks * UNITS_PER_TICK;
+                let busy = self.clients[c].busy.as_mut().expect("busy");
+                busy.node = target;
+                busy.deadline = now + timeout;
+                self.drive(target);
+            }
+            Err(e) => {
+                let busy = self.clients[c].busy.as_mut().expect("busy");
+                busy.rejections += 1;
+                busy.retry_at = now + UNITS_PER_TICK;
+                let give_up = busy.rejections >= MAX_REJECTIONS;
+                self.clients[c].hint = match e {
+                    ProposeError::NotLeader { leader } => leader,
+                    _ => target,
+                };
+                if give_up {
+                    self.give_up(c);
+                }
+            }
+        }
+    }
+
+    fn begin_op(&mut self, c: usize) {
+        let key = self.rng.range(0, NUM_KEYS as u64) as u8;
+        let cl = &mut self.clients[c];
+        let req = cl.next_req;
+        cl.next_req += 1;
+        let value = ((cl.id as u64) << 32) | cl.next_value;
+        let roll = self.rng.range(0, 10);
+        let cl = &mut self.clients[c];
+        let (what, op) = match roll {
+            0..=3 => {
+                cl.next_value += 1;
+                let cmd = Command::Put { key, value };
+                (
+                    Pending::Write(Request {
+                        client: cl.id,
+                        req,
+                        cmd,
+                    }),
+                    KvOp::Put { value },
+                )
+            }
+            4..=6 => (Pending::Read { key }, KvOp::Get),
+            _ => {
+                cl.next_value += 1;
+                let expect = cl.seen[key as usize];
+                let cmd = Command::Cas {
+                    key,
+                    expect,
+                    new: value,
+                };
+                (
+                    Pending::Write(Request {
+                        client: cl.id,
+                        req,
+                        cmd,
+                    }),
+                    KvOp::Cas { expect, new: value },
+                )
+            }
+        };
+        if let Pending::Write(r) = &what {
+            self.proposed.insert(bytes_digest(&r.encode()));
+        }
+        self.seq += 1;
+        self.ops.push(Operation {
+            client: self.clients[c].id,
+            key,
+            op,
+            invoke: self.seq,
+            ret: None,
+        });
+        self.clients[c].busy = Some(InFlight {
+            op_index: self.ops.len() - 1,
+            req,
+            what,
+            node: NO_NODE,
+            attempt: 0,
+            rejections: 0,
+            deadline: 0,
+            retry_at: self.now,
+        });
+        self.client_step(c);
+    }
+
+    /// The current attempt failed or timed out: try another node, or give up.
+    fn retry(&mut self, c: usize, counts: bool) {
+        let n = self.profile.n as u64;
+        let hint = self.rng.range(1, n + 1);
+        let cl = &mut self.clients[c];
+        let busy = cl.busy.as_mut().expect("retry while idle");
+        busy.node = NO_NODE;
+        if counts {
+            busy.attempt += 1;
+        }
+        busy.retry_at = self.now + UNITS_PER_TICK;
+        cl.hint = hint;
+        if busy.attempt >= MAX_ATTEMPTS {
+            self.give_up(c);
+        }
+    }
+
+    /// The outcome stays unknown: the op remains in the history without a return.
+    fn give_up(&mut self, c: usize) {
+        let cl = &mut self.clients[c];
+        cl.busy = None;
+        cl.idle_until = self.now + self.profile.think_ticks * UNITS_PER_TICK;
+    }
+
+    fn respond(&mut self, node: NodeId, client: u32, req: u64, attempt: Option<u32>, out: KvOut) {
+        let Some(cl) = self.clients.get_mut((client as usize).wrapping_sub(1)) else {
+            return;
+        };
+        let Some(f) = &cl.busy else {
+            return;
+        };
+        if f.req != req || f.node != node || attempt.is_some_and(|a| a != f.attempt) {
+            return;
+        }
+        let op_index = f.op_index;
+        let is_write = matches!(f.what, Pending::Write(_));
+        let key = self.ops[op_index].key as usize;
+        match (self.ops[op_index].op, out) {
+            (KvOp::Get, KvOut::Value(v)) => cl.seen[key] = v,
+            (KvOp::Put { value }, _) => cl.seen[key] = value,
+            (KvOp::Cas { new, .. }, KvOut::Cas(true)) => cl.seen[key] = new,
+            _ => {}
+        }
+        cl.busy = None;
+        cl.idle_until = self.now + self.profile.think_ticks * UNITS_PER_TICK;
+        self.seq += 1;
+        self.ops[op_index].ret = Some((self.seq, out));
+        if is_write
+            && self
+                .liveness_from_seq
+                .is_some_and(|s| self.ops[op_index].invoke > s)
+        {
+            self.liveness_ok = true;
+        }
+    }
+
+    fn finish(mut self) -> SeedReport {
+        self.report.messages = self.net.sent;
+        let checked: Vec<Operation> = self
+            .ops
+            .iter()
+            .filter(|o| o.ret.is_some() || o.op != KvOp::Get)
+            .cloned()
+            .collect();
+        self.report.ops_checked = checked.len();
+        self.report.indeterminate = checked.iter().filter(|o| o.ret.is_none()).count();
+        if self.report.violation.is_none() {
+            match linearizability::check_history(&checked, LINEARIZABILITY_STEP_LIMIT) {
+                Verdict::Linearizable => {}
+                Verdict::Inconclusive { key, ops } => {
+                    self.report.inconclusive = true;
+                    self.trace(|| format!("linearizability inconclusive on key {key} ({ops} ops)"));
+                }
+                Verdict::Violation { detail, .. } => {
+                    self.fail(format!("linearizability: {detail}"));
+                }
+            }
+        }
+        self.report
+    }
+}
+
+fn encode_ctx(client: u32, req: u64, attempt: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&client.to_le_bytes());
+    v.extend_from_slice(&req.to_le_bytes());
+    v.extend_from_slice(&attempt.to_le_bytes());
+    v
+}
+
+fn decode_ctx(ctx: &[u8]) -> Option<(u32, u64, u32)> {
+    if ctx.len() != 16 {
+        return None;
+    }
+    let client = u32::from_le_bytes(ctx[0..4].try_into().ok()?);
+    let req = u64::from_le_bytes(ctx[4..12].try_into().ok()?);
+    let attempt = u32::from_le_bytes(ctx[12..16].try_into().ok()?);
+    Some((client, req, attempt))
+}
+
+/// Runs one seed end to end.
+pub fn run_seed<R: EngineModel, S: SimStore>(opts: RunOptions) -> SeedReport {
+    let seed = opts.seed;
+    match Sim::<R, S>::new(opts) {
+        Ok(sim) => sim.run(),
+        Err(e) => SeedReport {
+            seed,
+            violation: Some(format!("setup: {e}")),
+            ..SeedReport::default()
+        },
+    }
+}
