@@ -48,6 +48,30 @@ pub trait StateMachine: Send + 'static {
     fn skip(&mut self, index: u64);
     fn snapshot(&self) -> Vec<u8>;
     fn restore(&mut self, data: &[u8]) -> Result<(), String>;
+    /// Called by the leader before a command enters the log: may return a rewritten
+    /// command (e.g. stamped with the leader's clock). `None` keeps it as is.
+    fn prepare(_cmd: &[u8]) -> Option<Vec<u8>>
+    where
+        Self: Sized,
+    {
+        None
+    }
+}
+
+/// Rewrites an envelope's command with [`StateMachine::prepare`], keeping its header.
+fn prepare_payload<SM: StateMachine>(payload: &[u8]) -> Option<Vec<u8>> {
+    let env = envelope::decode(payload).ok()?;
+    if env.kind != EnvelopeKind::Command {
+        return None;
+    }
+    let body = SM::prepare(env.body)?;
+    Some(envelope::encode(
+        env.kind,
+        env.origin,
+        env.incarnation,
+        env.seq,
+        &body,
+    ))
 }
 
 /// Why a request failed. Each is a normal outcome.
@@ -690,7 +714,8 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
             return;
         };
         if leader == self.id {
-            match self.replica.propose(p.payload.clone()) {
+            let data = prepare_payload::<SM>(&p.payload).unwrap_or_else(|| p.payload.clone());
+            match self.replica.propose(data) {
                 Ok(()) => p.proposed = true,
                 Err(ProposeError::NotLeader { .. }) | Err(ProposeError::Transferring) => {
                     self.unproposed.push_back(seq)
@@ -784,7 +809,8 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         };
         let code = match envelope::decode(payload) {
             Ok(e) if e.origin == from && e.kind == EnvelopeKind::Command => {
-                match self.replica.propose(payload.to_vec()) {
+                let data = prepare_payload::<SM>(payload).unwrap_or_else(|| payload.to_vec());
+                match self.replica.propose(data) {
                     Ok(()) => return,
                     Err(ProposeError::NotLeader { .. }) | Err(ProposeError::Transferring) => {
                         NackCode::NotLeader

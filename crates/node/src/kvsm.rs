@@ -1,16 +1,18 @@
-//! The KV store as a group's state machine: decodes commands, applies them, feeds the
-//! watch hub and wakes watchers.
+//! The KV store as a group's state machine: decodes commands, applies them and hands the
+//! events of each applied command to the etcd front-end's event feed (watch streams).
 
 use crate::group::StateMachine;
-use concord_kv::{Command, KvError, KvStore, Response, WatchConfig, WatchHub};
-use tokio::sync::watch;
+use concord_api_etcd::EventFeed;
+use concord_kv::{Command, KvError, KvStore, Response};
 
-/// The KV store, its watch hub and a signal that fires after every applied revision.
+/// Commands at most this long are decoded by the leader to stamp its clock into them
+/// (lease grants and keep-alives are a few dozen bytes; big writes are never decoded twice).
+const STAMP_BYTES_MAX: usize = 96;
+
+/// The KV store and the feed its applied events go to.
 pub struct KvMachine {
     pub store: KvStore,
-    pub hub: WatchHub,
-    /// Latest applied store revision; watcher tasks wait on it and then poll the hub.
-    revision_tx: watch::Sender<i64>,
+    pub feed: EventFeed,
 }
 
 impl Default for KvMachine {
@@ -21,24 +23,19 @@ impl Default for KvMachine {
 
 impl KvMachine {
     pub fn new() -> KvMachine {
-        let store = KvStore::new();
-        let hub = WatchHub::new(WatchConfig::default(), &store);
-        let (revision_tx, _) = watch::channel(store.revision());
         KvMachine {
-            store,
-            hub,
-            revision_tx,
+            store: KvStore::new(),
+            feed: EventFeed::new(),
         }
     }
+}
 
-    /// A receiver that changes whenever the store's revision moves (or it is replaced).
-    pub fn subscribe(&self) -> watch::Receiver<i64> {
-        self.revision_tx.subscribe()
-    }
-
-    fn notify(&self) {
-        self.revision_tx.send_replace(self.store.revision());
-    }
+/// Wall-clock milliseconds; lease time is the leader's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl StateMachine for KvMachine {
@@ -48,10 +45,8 @@ impl StateMachine for KvMachine {
         match Command::decode(cmd) {
             Ok(c) => {
                 let resp = self.store.apply(index, c);
-                if !resp.events.is_empty() {
-                    self.hub.publish(&self.store, &resp.events);
-                    self.notify();
-                }
+                // After the store shows the new revision, as the feed's contract asks.
+                self.feed.publish(resp.revision, resp.events.clone());
                 resp
             }
             Err(e) => {
@@ -77,9 +72,30 @@ impl StateMachine for KvMachine {
 
     fn restore(&mut self, data: &[u8]) -> Result<(), String> {
         self.store = KvStore::restore(data).map_err(|e: KvError| format!("{e:?}"))?;
-        self.hub.reset(&self.store);
-        self.notify();
         Ok(())
+    }
+
+    fn prepare(cmd: &[u8]) -> Option<Vec<u8>> {
+        if cmd.len() > STAMP_BYTES_MAX {
+            return None;
+        }
+        let stamped = match Command::decode(cmd).ok()? {
+            Command::LeaseGrant {
+                id,
+                ttl_secs,
+                now_ms: 0,
+            } => Command::LeaseGrant {
+                id,
+                ttl_secs,
+                now_ms: now_ms(),
+            },
+            Command::LeaseKeepAlive { id, now_ms: 0 } => Command::LeaseKeepAlive {
+                id,
+                now_ms: now_ms(),
+            },
+            _ => return None,
+        };
+        Some(stamped.encode())
     }
 }
 
@@ -91,7 +107,7 @@ mod tests {
     #[test]
     fn applies_snapshots_and_restores() {
         let mut m = KvMachine::new();
-        let mut rx = m.subscribe();
+        let mut rx = m.feed.subscribe();
         let put = Command::Put(PutRequest {
             key: b"k".to_vec(),
             value: b"v".to_vec(),
@@ -99,7 +115,7 @@ mod tests {
         });
         let r = m.apply(1, &put.encode());
         assert!(r.result.is_ok());
-        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.try_recv().unwrap().revision, 2);
         let bad = m.apply(2, b"\xffgarbage");
         assert!(bad.result.is_err());
         assert_eq!(m.store.applied_index(), 2);
@@ -116,7 +132,15 @@ mod tests {
             .unwrap();
         assert_eq!(got.kvs[0].value, b"v");
         assert_eq!(other.store.applied_index(), 3);
-        rx.mark_unchanged();
+        let grant = Command::LeaseGrant {
+            id: 7,
+            ttl_secs: 5,
+            now_ms: 0,
+        }
+        .encode();
+        let stamped = Command::decode(&KvMachine::prepare(&grant).unwrap()).unwrap();
+        assert!(matches!(stamped, Command::LeaseGrant { now_ms, .. } if now_ms > 0));
+        assert!(KvMachine::prepare(&put.encode()).is_none());
         assert!(other.restore(b"junk").is_err());
     }
 }
