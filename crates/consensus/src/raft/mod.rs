@@ -251,7 +251,7 @@ impl Raft {
             return;
         }
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        for to in self.voters_except_self() {
+        for to in self.campaign_targets() {
             self.msgs.push(Outgoing {
                 to,
                 msg: Message {
@@ -278,7 +278,7 @@ impl Raft {
             return;
         }
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        for to in self.voters_except_self() {
+        for to in self.campaign_targets() {
             self.send(
                 to,
                 Body::Vote {
@@ -338,18 +338,17 @@ impl Raft {
         self.replicate_dirty = true;
     }
 
-    fn voters_except_self(&self) -> Vec<NodeId> {
-        let c = self.conf_state();
-        let mut v: Vec<NodeId> = c
-            .voters
-            .iter()
-            .chain(&c.voters_outgoing)
-            .copied()
+    /// Who receives our (pre-)vote requests: every other node of the configuration,
+    /// learners included. Only voters' answers count, but a node we list as a learner may
+    /// in fact have been promoted (our configuration can be stale); if it never heard of our
+    /// campaigns it could keep campaigning in terms we already used and never win
+    /// (observed in simulation with a stale voter and a lagging configuration).
+    fn campaign_targets(&self) -> Vec<NodeId> {
+        self.conf_state()
+            .all_nodes()
+            .into_iter()
             .filter(|&id| id != self.id)
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+            .collect()
     }
 
     fn poll(&self) -> VoteResult {
@@ -777,6 +776,10 @@ impl Raft {
                     );
                 }
                 Body::PreVote { .. } => self.send(from, Body::PreVoteResp { reject: true }),
+                // Figure 3.1: the reply carries our term so a stale candidate catches up. It
+                // may hear of newer terms from nobody else (e.g. we are the only other
+                // voter in its configuration while ours no longer lists it).
+                Body::Vote { .. } => self.send(from, Body::VoteResp { reject: true }),
                 _ => {}
             }
             return;
