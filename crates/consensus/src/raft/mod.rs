@@ -1424,12 +1424,15 @@ impl Replica for Raft {
         };
         let log = RaftLog::new(snap_index, snap_term, recovered.entries.clone())
             .map_err(|r| bad("recovered.entries", r))?;
-        let hs = recovered.hard_state;
+        let mut hs = recovered.hard_state;
         if hs.term < log.last_term() {
-            return Err(bad(
-                "recovered.hard_state",
-                "term is older than the log's last term",
-            ));
+            // The entries and the hard state of one Ready were written together, and a
+            // crash before the fsync kept the entries but not the hard state. We learned
+            // that term from its leader without voting in it (a vote is always made durable
+            // before its answer leaves, in an earlier Ready), so adopting the term with no
+            // vote is exactly the state we were in.
+            hs.term = log.last_term();
+            hs.vote = NO_NODE;
         }
         // `commit` may have been persisted lazily (behind) but never ahead of the log;
         // entries already applied are committed by definition.
@@ -1470,7 +1473,8 @@ impl Replica for Raft {
             pending_snapshot: None,
             msgs: Vec::new(),
             read_states: Vec::new(),
-            prev_hs: hs,
+            // What is on disk; an adjusted hard state is written with the first Ready.
+            prev_hs: recovered.hard_state,
             applied,
             applying: applied,
             ready_outstanding: false,

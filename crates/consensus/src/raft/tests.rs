@@ -367,11 +367,12 @@ fn restart_recomputes_configuration_from_snapshot_and_log() {
 }
 
 #[test]
-fn recovered_hard_state_older_than_log_is_refused() {
+fn recovered_hard_state_older_than_log_adopts_the_log_term() {
+    // A crash kept a Ready's entries but not its hard state.
     let rec = Recovered {
         hard_state: HardState {
             term: 1,
-            vote: 0,
+            vote: 2,
             commit: 0,
         },
         entries: vec![Entry {
@@ -382,10 +383,17 @@ fn recovered_hard_state_older_than_log_is_refused() {
         }],
         ..Recovered::default()
     };
-    let err = Raft::create(cfg(1), ConfState::new([1]), rec)
-        .err()
-        .unwrap();
-    assert_eq!(err.field, "recovered.hard_state");
+    let mut r = Raft::create(cfg(1), ConfState::new([1, 2]), rec).unwrap();
+    assert_eq!(r.status().term, 3);
+    // The adopted term is persisted with the first Ready.
+    assert_eq!(
+        r.ready().hard_state,
+        Some(HardState {
+            term: 3,
+            vote: 0,
+            commit: 0
+        })
+    );
 }
 
 #[test]
