@@ -655,12 +655,15 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     && self.nodes.iter().all(|x| !x.wiped && !x.corrupted)
                     && self.cycle.is_none()
                     && self.rng.chance(self.profile.corrupt_share_ppm);
+                let mut mode = self.rng.range(0, 4);
                 if corrupt && self.nodes[Self::idx(victim)].store.corrupt(&mut self.rng) {
                     self.nodes[Self::idx(victim)].corrupted = true;
                     self.report.corrupt_injected += 1;
                     self.trace(|| format!("corrupt durable data of node {victim}"));
+                    // Crash at once, so the corruption meets recovery before the store moves on.
+                    mode = 3;
                 }
-                match self.rng.range(0, 4) {
+                match mode {
                     2 => {
                         self.trace(|| format!("arm crash of node {victim} before its next send"));
                         self.nodes[Self::idx(victim)].crash_before_send = true;

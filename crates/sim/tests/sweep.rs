@@ -6,7 +6,7 @@ use concord_sim::sim::DiskFaults;
 /// Seeds in the clean sweep: enough to hit every fault kind many times.
 const CLEAN_SEEDS: u64 = 300;
 /// Most seeds a planted-bug sweep may take to find a violation.
-const BUG_SEEDS_MAX: u64 = 400;
+const BUG_SEEDS_MAX: u64 = 500;
 
 fn opts(seeds: u64, start: u64, bug: Option<&str>, disk: DiskFaults) -> SweepOptions {
     SweepOptions {
