@@ -76,7 +76,7 @@ impl Cluster {
             cfg.check_quorum = rng.range(0, 2) == 0;
             cfg.max_inflight_msgs = rng.range(1, 8) as usize;
             cfg.max_batch_entries = rng.range(1, 6) as usize;
-            cfg.snapshot_chunk_bytes = rng.range(1, 64) as usize;
+            cfg.snapshot_chunk_bytes = rng.range(64, 512) as usize;
             cfg.inject_bug = bug.map(str::to_string);
             if cfg.check_quorum && rng.range(0, 2) == 0 {
                 cfg.read_mode = concord_consensus::ReadMode::Lease;
@@ -153,11 +153,21 @@ impl Cluster {
             }
         }
         for m in rd.messages {
+            if std::env::var_os("CHAOS_TRACE").is_some() {
+                eprintln!("send {id}->{} t{} {:?}", m.to, m.msg.term, m.msg.body);
+            }
             self.inflight.push((id, m.to, m.msg));
         }
         for r in rd.read_states {
             let ctx = u64::from_le_bytes(r.ctx[..8].try_into().unwrap());
             let floor = self.reads.remove(&ctx).unwrap_or(0);
+            if std::env::var_os("CHAOS_DEBUG").is_some() {
+                eprintln!(
+                    "read at {id}: index {} floor {floor} term {}",
+                    r.index,
+                    n.raft.status().term
+                );
+            }
             assert!(
                 r.index >= floor,
                 "stale read: index {} but index {floor} was applied before the read",
@@ -249,12 +259,15 @@ impl Cluster {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         let r = self.rng.range(0, 1000);
         match r {
-            0..=149 => {
-                let id = ids[self.rng.range(0, ids.len() as u64) as usize];
-                if self.nodes[&id].up {
-                    self.nodes.get_mut(&id).unwrap().raft.tick();
+            0..=49 => {
+                // Time passes for everyone (each node's clock may skip a tick: drift).
+                for id in &ids {
+                    if self.rng.range(0, 10) != 0 {
+                        self.nodes.get_mut(id).unwrap().raft.tick();
+                    }
                 }
             }
+            50..=149 => {}
             150..=549 => {
                 // Reordering: deliver a few random in-flight messages.
                 for _ in 0..8 {
@@ -265,9 +278,15 @@ impl Cluster {
                     let (from, to, m) = self.inflight.swap_remove(i);
                     let cut = self.partitioned.contains(&from) != self.partitioned.contains(&to);
                     let lost = faults && self.rng.range(0, 10) == 0;
+                    if (cut || lost) && std::env::var_os("CHAOS_TRACE").is_some() {
+                        eprintln!("drop {from}->{to} cut={cut} lost={lost} {:?}", m.body);
+                    }
                     if !cut && !lost && self.nodes[&to].up {
                         if faults && self.rng.range(0, 20) == 0 {
                             self.inflight.push((from, to, m.clone()));
+                        }
+                        if std::env::var_os("CHAOS_TRACE").is_some() {
+                            eprintln!("deliver {from}->{to} t{} {:?}", m.term, m.body);
                         }
                         self.nodes.get_mut(&to).unwrap().raft.step(from, m);
                     }
@@ -279,20 +298,27 @@ impl Cluster {
                 }
             }
             750..=899 => {
+                // The leader of the highest term (a deposed one may not know it yet).
                 let leader = self
                     .nodes
                     .values_mut()
-                    .find(|n| n.up && n.raft.status().role == Role::Leader);
+                    .filter(|n| n.up && n.raft.status().role == Role::Leader)
+                    .max_by_key(|n| n.raft.status().term);
                 if let Some(n) = leader {
                     self.next_value += 1;
-                    let _ = n.raft.propose(format!("v{}", self.next_value).into_bytes());
+                    let r = n.raft.propose(format!("v{}", self.next_value).into_bytes());
+                    if std::env::var_os("CHAOS_DEBUG").is_some() {
+                        eprintln!("propose: {r:?}");
+                    }
+                } else if std::env::var_os("CHAOS_DEBUG").is_some() {
+                    eprintln!("propose: no leader");
                 }
             }
-            900..=907 if faults => {
+            900 if faults => {
                 let id = ids[self.rng.range(0, ids.len() as u64) as usize];
                 self.crash(id);
             }
-            908..=911 if faults => {
+            901 if faults => {
                 self.partitioned.clear();
                 for &id in &ids {
                     if self.rng.range(0, 3) == 0 {
@@ -300,12 +326,14 @@ impl Cluster {
                     }
                 }
             }
-            912..=915 if faults => {
+            902 if faults => {
                 // Membership: demote or promote node 5 (or remove/re-add) when possible.
+                // The leader of the highest term (a deposed one may not know it yet).
                 let leader = self
                     .nodes
                     .values_mut()
-                    .find(|n| n.up && n.raft.status().role == Role::Leader);
+                    .filter(|n| n.up && n.raft.status().role == Role::Leader)
+                    .max_by_key(|n| n.raft.status().term);
                 if let Some(n) = leader {
                     let conf = n.raft.conf().clone();
                     let target = 5;
@@ -319,11 +347,13 @@ impl Cluster {
                     });
                 }
             }
-            916..=919 if faults => {
+            903 if faults => {
+                // The leader of the highest term (a deposed one may not know it yet).
                 let leader = self
                     .nodes
                     .values_mut()
-                    .find(|n| n.up && n.raft.status().role == Role::Leader);
+                    .filter(|n| n.up && n.raft.status().role == Role::Leader)
+                    .max_by_key(|n| n.raft.status().term);
                 if let Some(n) = leader {
                     let to = self.rng.range(1, 6);
                     n.raft.transfer_leader(to);
@@ -366,8 +396,30 @@ impl Cluster {
 
 fn run_seed(seed: u64, bug: Option<&str>) {
     let mut c = Cluster::new(seed, 5, bug);
-    for _ in 0..3000 {
+    for i in 0..3000 {
         c.step(true);
+        if std::env::var_os("CHAOS_DEBUG").is_some() && i % 250 == 0 {
+            let mut h: BTreeMap<&'static str, usize> = BTreeMap::new();
+            for (_, _, m) in &c.inflight {
+                *h.entry(m.body.name()).or_default() += 1;
+            }
+            eprintln!("step {i}: inflight {h:?} commit {}", c.max_commit());
+            for n in c.nodes.values() {
+                let st = n.raft.status();
+                eprintln!(
+                    "   {} {:?} t{} lead{} c{} last{} voters{:?} part={} | {}",
+                    st.id,
+                    st.role,
+                    st.term,
+                    st.leader,
+                    st.commit,
+                    st.last_index,
+                    st.conf.voters,
+                    c.partitioned.contains(&st.id),
+                    n.raft.debug_progress()
+                );
+            }
+        }
     }
     // Liveness: heal everything and make sure new proposals commit.
     c.partitioned.clear();
