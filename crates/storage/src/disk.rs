@@ -126,6 +126,9 @@ pub struct SimDisk {
     live: BTreeMap<PathBuf, u64>,
     /// Names as they would be found after a crash.
     durable: BTreeMap<PathBuf, u64>,
+    /// Mutating operations left before the disk "dies" (every later one fails until
+    /// `crash`), to crash in the middle of a multi-step operation.
+    ops_left: Option<u64>,
 }
 
 fn not_found(path: &Path) -> io::Error {
@@ -138,6 +141,23 @@ fn not_found(path: &Path) -> io::Error {
 impl SimDisk {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Lets `ops` more mutating operations succeed, then fails every one (the process is
+    /// dying) until the next `crash`.
+    pub fn fail_after(&mut self, ops: u64) {
+        self.ops_left = Some(ops);
+    }
+
+    fn mutate(&mut self) -> io::Result<()> {
+        match &mut self.ops_left {
+            Some(0) => Err(io::Error::other("simulated crash: the disk is gone")),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Unsynced bytes across all live files.
@@ -155,6 +175,7 @@ impl SimDisk {
     /// last `sync_file`, except that up to `torn_tail_bytes` of each file's unsynced bytes
     /// survive (a prefix, as when a crash interrupts a sequential write).
     pub fn crash(&mut self, torn_tail_bytes: u64) {
+        self.ops_left = None;
         for n in self.inodes.values_mut() {
             let keep = (n.data.len() - n.durable_len).min(torn_tail_bytes as usize);
             n.data.truncate(n.durable_len + keep);
@@ -217,6 +238,7 @@ impl Disk for SimDisk {
     }
 
     fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()> {
+        self.mutate()?;
         if !self.live.contains_key(path) {
             let i = self.next_inode;
             self.next_inode += 1;
@@ -228,12 +250,14 @@ impl Disk for SimDisk {
     }
 
     fn sync_file(&mut self, path: &Path) -> io::Result<()> {
+        self.mutate()?;
         let n = self.inode(path)?;
         n.durable_len = n.data.len();
         Ok(())
     }
 
     fn truncate(&mut self, path: &Path, len: u64) -> io::Result<()> {
+        self.mutate()?;
         let n = self.inode(path)?;
         n.data.truncate(len as usize);
         n.durable_len = n.data.len();
@@ -241,17 +265,20 @@ impl Disk for SimDisk {
     }
 
     fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        self.mutate()?;
         let i = self.live.remove(from).ok_or_else(|| not_found(from))?;
         self.live.insert(to.to_path_buf(), i);
         Ok(())
     }
 
     fn remove(&mut self, path: &Path) -> io::Result<()> {
+        self.mutate()?;
         self.live.remove(path).ok_or_else(|| not_found(path))?;
         Ok(())
     }
 
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        self.mutate()?;
         self.durable.retain(|p, _| p.parent() != Some(dir));
         for (p, i) in &self.live {
             if p.parent() == Some(dir) {

@@ -40,6 +40,7 @@ fn mix(seed: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+#[derive(Debug)]
 pub struct FaultyStore {
     wal: Wal<SimDisk>,
     crashed: bool,
@@ -94,6 +95,13 @@ impl FaultyStore {
         }
         self.wal.disk_mut().crash(torn_tail_bytes);
         self.crashed = true;
+    }
+
+    /// The disk dies after `ops` more mutating operations (writes, fsyncs, renames,
+    /// removals): every later one fails with an I/O error, so a multi-step operation such
+    /// as `install_snapshot` stops half-way. The caller then crashes and recovers.
+    pub fn fail_disk_after(&mut self, ops: u64) {
+        self.wal.disk_mut().fail_after(ops);
     }
 
     /// A crash whose torn tail length is derived from `seed` (anywhere from nothing to all

@@ -49,6 +49,14 @@ enum Op {
     Crash {
         torn: Option<u16>,
     },
+    /// The disk dies after `budget` more mutating operations, in the middle of an append
+    /// plus sync (`snapshot` false) or of installing a snapshot; then a crash.
+    CrashDuring {
+        budget: u8,
+        snapshot: bool,
+        other_term: bool,
+        torn: Option<u16>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -65,6 +73,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Compact),
         1 => Just(Op::BadAppend),
         2 => proptest::option::of(0u16..3000).prop_map(|t| Op::Crash { torn: t }),
+        2 => (0u8..14, any::<bool>(), any::<bool>(), proptest::option::of(0u16..3000)).prop_map(
+            |(budget, snapshot, other_term, torn)| Op::CrashDuring { budget, snapshot, other_term, torn }
+        ),
     ]
 }
 
@@ -91,9 +102,14 @@ fn model_view(m: &mut MemStore) -> View {
 /// A store under test plus how to crash it.
 trait Crashable: LogStore {
     fn crash(&mut self, torn: Option<u16>) -> Recovered;
+    fn fail_disk_after(&mut self, ops: u64);
 }
 
 impl Crashable for FaultyStore {
+    fn fail_disk_after(&mut self, ops: u64) {
+        FaultyStore::fail_disk_after(self, ops);
+    }
+
     fn crash(&mut self, torn: Option<u16>) -> Recovered {
         match torn {
             None => FaultyStore::crash(self),
@@ -104,6 +120,10 @@ impl Crashable for FaultyStore {
 }
 
 impl Crashable for Wal<SimDisk> {
+    fn fail_disk_after(&mut self, ops: u64) {
+        self.disk_mut().fail_after(ops);
+    }
+
     fn crash(&mut self, torn: Option<u16>) -> Recovered {
         // The process dies: its user-space buffer is gone, the disk keeps what it keeps.
         self.disk_mut().crash(torn.unwrap_or(0) as u64);
@@ -125,6 +145,27 @@ fn entry(index: u64, term: u64, len: usize) -> Entry {
             EntryKind::Normal
         },
         data,
+    }
+}
+
+fn make_snapshot(model: &MemStore, back: u8, other_term: bool, term: u64) -> Snapshot {
+    let current = model.snapshot().map_or(0, |s| s.meta.index);
+    let index = model
+        .last_index()
+        .saturating_sub(back as u64)
+        .max(current)
+        .max(1);
+    let snap_term = match model.term(index) {
+        Some(t) if !other_term => t,
+        _ => term + 100,
+    };
+    Snapshot {
+        meta: SnapshotMeta {
+            index,
+            term: snap_term,
+            conf: ConfState::new([1, 2, 3]),
+        },
+        data: format!("state at {index}").into_bytes(),
     }
 }
 
@@ -213,6 +254,52 @@ fn run<S: Crashable>(store: &mut S, ops: &[Op]) -> Result<(), TestCaseError> {
                 let r = store.append(&bad);
                 prop_assert!(matches!(r, Err(StorageError::Invalid(_))), "{:?}", r);
             }
+            Op::CrashDuring {
+                budget,
+                snapshot,
+                other_term,
+                torn,
+            } => {
+                store.fail_disk_after(*budget as u64);
+                if *snapshot {
+                    // Until the WAL is synced the snapshot may land on any state the WAL
+                    // could recover to, or not land at all.
+                    let snap = make_snapshot(&model, 2, *other_term, term);
+                    let _ = store.install_snapshot(&snap);
+                    let before = candidates.clone();
+                    for c in before {
+                        let mut m = MemStore::from_recovered(&Recovered {
+                            hard_state: c.hard_state,
+                            applied: 0,
+                            snapshot: c.snapshot.clone(),
+                            entries: c.entries.clone(),
+                        });
+                        m.install_snapshot(&snap).unwrap();
+                        candidates.push(model_view(&mut m));
+                    }
+                } else {
+                    let first = model.last_index().max(model.first_index());
+                    let ents: Vec<Entry> =
+                        (first..first + 3).map(|i| entry(i, term, 100)).collect();
+                    let _ = store.append(&ents).and_then(|_| store.sync());
+                    for e in &ents {
+                        model.append(std::slice::from_ref(e)).unwrap();
+                        candidates.push(model_view(&mut model));
+                    }
+                }
+                let r = store.crash(*torn);
+                let got = view_of(&r);
+                let pos = candidates.iter().position(|c| *c == got);
+                prop_assert!(
+                    pos.is_some(),
+                    "recovered state is none of the {} allowed ones\n got: {:?}\n allowed: {:?}",
+                    candidates.len(),
+                    got,
+                    candidates
+                );
+                model = MemStore::from_recovered(&r);
+                candidates = vec![got];
+            }
             Op::Crash { torn } => {
                 let r = store.crash(*torn);
                 let got = view_of(&r);
@@ -247,8 +334,16 @@ fn small_opts(write_buffer_bytes_max: usize) -> WalOptions {
     }
 }
 
+/// 300 cases per `cargo test`; `PROPTEST_CASES=20000` for a deeper run.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn faulty_store_matches_model(ops in proptest::collection::vec(op(), 1..80)) {

@@ -1,0 +1,383 @@
+//! The WAL on real files: corruption is reported with file and offset, torn tails are cut,
+//! segments roll and are deleted once a snapshot covers them.
+
+use concord_consensus::{ConfState, Entry, EntryKind, HardState, Snapshot, SnapshotMeta};
+use concord_storage::record;
+use concord_storage::wal::{FsyncPolicy, Wal, WalOptions};
+use concord_storage::{LogStore, StorageError};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// A fresh directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p =
+            std::env::temp_dir().join(format!("concord-storage-{}-{}", std::process::id(), name));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ents(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
+    range
+        .map(|index| Entry {
+            index,
+            term,
+            kind: EntryKind::Normal,
+            data: format!("entry {index}").into_bytes(),
+        })
+        .collect()
+}
+
+fn opts(segment_bytes_max: u64) -> WalOptions {
+    WalOptions {
+        segment_bytes_max,
+        ..WalOptions::default()
+    }
+}
+
+/// Segment files, oldest first.
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Offsets of the records in a segment file.
+fn record_offsets(path: &Path) -> Vec<usize> {
+    let bytes = fs::read(path).unwrap();
+    let mut at = 0;
+    let mut v = Vec::new();
+    while let Ok((_, n)) = record::decode(&bytes[at..]) {
+        v.push(at);
+        at += n;
+    }
+    assert_eq!(at, bytes.len(), "test setup: the file decodes fully");
+    v
+}
+
+fn flip(path: &Path, offset: usize) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[offset] ^= 0x40;
+    fs::write(path, bytes).unwrap();
+}
+
+fn write_log(dir: &Path, n: u64, segment_bytes_max: u64) {
+    let mut wal = Wal::open(dir, opts(segment_bytes_max)).unwrap();
+    for i in (1..=n).step_by(10) {
+        wal.append(&ents(i..=(i + 9).min(n), 1)).unwrap();
+        wal.set_hard_state(HardState {
+            term: 1,
+            vote: 1,
+            commit: i,
+        })
+        .unwrap();
+        assert_eq!(wal.sync().unwrap(), (i + 9).min(n));
+    }
+}
+
+#[test]
+fn reopen_returns_everything_synced() {
+    let d = TempDir::new("reopen");
+    write_log(&d.0, 95, 4096);
+    assert!(segments(&d.0).len() > 1, "segments rolled");
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    let r = wal.recover().unwrap();
+    assert_eq!(r.entries, ents(1..=95, 1));
+    assert_eq!(r.hard_state.commit, 91);
+    assert_eq!((wal.first_index(), wal.last_index()), (1, 95));
+}
+
+#[test]
+fn flipped_byte_in_a_middle_record_is_reported_with_file_and_offset() {
+    let d = TempDir::new("flip-middle");
+    write_log(&d.0, 50, 64 << 20);
+    let seg = segments(&d.0).pop().unwrap();
+    let offsets = record_offsets(&seg);
+    let victim = offsets[offsets.len() / 2];
+    flip(&seg, victim + 20);
+    let err = Wal::open(&d.0, opts(64 << 20)).expect_err("must refuse to open");
+    match &err {
+        StorageError::Corrupt { path, offset, .. } => {
+            assert_eq!(Path::new(path), seg.as_path());
+            assert_eq!(*offset, victim as u64);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains(&seg.display().to_string()) && text.contains(&victim.to_string()));
+    assert!(text.contains("Refusing to start"), "{text}");
+}
+
+#[test]
+fn damaged_length_in_the_last_segment_is_corruption_not_a_torn_tail() {
+    let d = TempDir::new("flip-length");
+    write_log(&d.0, 30, 64 << 20);
+    let seg = segments(&d.0).pop().unwrap();
+    let offsets = record_offsets(&seg);
+    let victim = offsets[3];
+    // The length field: without a header checksum this would look like a record running
+    // past the end of the file, and everything after it would be cut off silently.
+    flip(&seg, victim + 5);
+    match Wal::open(&d.0, opts(64 << 20)) {
+        Err(StorageError::Corrupt { offset, .. }) => assert_eq!(offset, victim as u64),
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("expected Corrupt, got a WAL"),
+    }
+}
+
+#[test]
+fn corruption_in_an_older_segment_is_reported_even_in_its_last_record() {
+    let d = TempDir::new("flip-old-seg");
+    write_log(&d.0, 200, 4096);
+    let segs = segments(&d.0);
+    assert!(segs.len() >= 3);
+    let seg = &segs[1];
+    let last = *record_offsets(seg).last().unwrap();
+    flip(seg, last + 17);
+    match Wal::open(&d.0, opts(4096)) {
+        Err(StorageError::Corrupt { path, offset, .. }) => {
+            assert_eq!((Path::new(&path), offset), (seg.as_path(), last as u64));
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("expected Corrupt, got a WAL"),
+    }
+}
+
+#[test]
+fn torn_tail_is_cut_off_and_the_node_starts() {
+    let d = TempDir::new("torn");
+    write_log(&d.0, 40, 64 << 20);
+    let seg = segments(&d.0).pop().unwrap();
+    let offsets = record_offsets(&seg);
+    let last_record = *offsets.last().unwrap();
+    let len = fs::metadata(&seg).unwrap().len();
+    // The last write was the hard state after entries 31..40; cut into the entry before.
+    let cut_at = offsets[offsets.len() - 2];
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(cut_at as u64 + 7)
+        .unwrap();
+    assert!(last_record as u64 > cut_at as u64 && len > cut_at as u64 + 7);
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    let r = wal.recover().unwrap();
+    assert_eq!(r.entries, ents(1..=39, 1));
+    assert_eq!(
+        fs::metadata(&seg).unwrap().len(),
+        cut_at as u64,
+        "the torn bytes are gone"
+    );
+    // The log goes on from there, and a reopen sees the new entries.
+    wal.append(&ents(40..=41, 2)).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    assert_eq!(wal.recover().unwrap().entries.last().unwrap().index, 41);
+}
+
+#[test]
+fn bad_checksum_of_the_very_last_record_and_zero_filled_tail_count_as_torn() {
+    let d = TempDir::new("torn-crc");
+    write_log(&d.0, 20, 64 << 20);
+    let seg = segments(&d.0).pop().unwrap();
+    let offsets = record_offsets(&seg);
+    let last = *offsets.last().unwrap();
+    flip(&seg, last + 18);
+    let mut bytes = fs::read(&seg).unwrap();
+    bytes.extend_from_slice(&[0u8; 4096]);
+    fs::write(&seg, bytes).unwrap();
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    let r = wal.recover().unwrap();
+    assert_eq!(r.entries, ents(1..=20, 1));
+    assert_eq!(
+        r.hard_state.commit, 1,
+        "the damaged last hard state is dropped"
+    );
+    assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64);
+}
+
+#[test]
+fn a_missing_middle_segment_is_reported() {
+    let d = TempDir::new("missing");
+    write_log(&d.0, 200, 4096);
+    let segs = segments(&d.0);
+    fs::remove_file(&segs[1]).unwrap();
+    match Wal::open(&d.0, opts(4096)) {
+        Err(StorageError::Corrupt { path, detail, .. }) => {
+            assert_eq!(Path::new(&path), segs[2].as_path());
+            assert!(detail.contains("missing"), "{detail}");
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("expected Corrupt, got a WAL"),
+    }
+}
+
+fn snap(index: u64, term: u64) -> Snapshot {
+    Snapshot {
+        meta: SnapshotMeta {
+            index,
+            term,
+            conf: ConfState::new([1, 2, 3]),
+        },
+        data: vec![7u8; 1000],
+    }
+}
+
+#[test]
+fn snapshot_deletes_covered_segments_and_survives_reopen() {
+    let d = TempDir::new("snap");
+    write_log(&d.0, 300, 4096);
+    let before = segments(&d.0).len();
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    wal.install_snapshot(&snap(250, 1)).unwrap();
+    let after = segments(&d.0).len();
+    assert!(after < before, "{after} segments left of {before}");
+    assert_eq!((wal.first_index(), wal.last_index()), (251, 300));
+    wal.append(&ents(301..=310, 2)).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    let r = wal.recover().unwrap();
+    assert_eq!(r.applied, 250);
+    assert_eq!(r.snapshot.unwrap(), snap(250, 1));
+    assert_eq!(r.entries.first().unwrap().index, 251);
+    assert_eq!(r.entries.last().unwrap().index, 310);
+    assert_eq!(r.entries.len(), 60);
+
+    // A snapshot the log does not match replaces the whole log.
+    wal.install_snapshot(&snap(400, 3)).unwrap();
+    assert_eq!((wal.first_index(), wal.last_index()), (401, 400));
+    assert_eq!(segments(&d.0).len(), 1);
+    drop(wal);
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    let r = wal.recover().unwrap();
+    assert!(r.entries.is_empty());
+    assert_eq!(r.applied, 400);
+    // Only the newest two snapshot files are kept.
+    assert_eq!(fs::read_dir(d.0.join("snap")).unwrap().count(), 2);
+}
+
+#[test]
+fn corrupt_snapshot_is_a_clear_error() {
+    let d = TempDir::new("snap-corrupt");
+    write_log(&d.0, 30, 64 << 20);
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    wal.install_snapshot(&snap(20, 1)).unwrap();
+    drop(wal);
+    let file = fs::read_dir(d.0.join("snap"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    flip(&file, 500);
+    let err = Wal::open(&d.0, opts(64 << 20)).expect_err("must refuse");
+    match &err {
+        StorageError::Corrupt { path, detail, .. } => {
+            assert_eq!(Path::new(path), file.as_path());
+            assert!(detail.contains("checksum"), "{detail}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let d = TempDir::new("invalid");
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    wal.append(&ents(1..=3, 1)).unwrap();
+    assert!(matches!(
+        wal.append(&ents(5..=5, 1)),
+        Err(StorageError::Invalid(_))
+    ));
+    assert!(matches!(
+        wal.append(&ents(0..=0, 1)),
+        Err(StorageError::Invalid(_))
+    ));
+    wal.set_hard_state(HardState {
+        term: 5,
+        vote: 1,
+        commit: 0,
+    })
+    .unwrap();
+    assert!(matches!(
+        wal.set_hard_state(HardState {
+            term: 4,
+            vote: 1,
+            commit: 0
+        }),
+        Err(StorageError::Invalid(_))
+    ));
+    assert!(matches!(wal.compact(2), Err(StorageError::Invalid(_))));
+    assert!(matches!(
+        Wal::open(
+            &d.0,
+            WalOptions {
+                segment_bytes_max: 10,
+                ..WalOptions::default()
+            }
+        ),
+        Err(StorageError::Invalid(_))
+    ));
+}
+
+#[test]
+fn fsync_policy_none_still_writes() {
+    let d = TempDir::new("nofsync");
+    let mut wal = Wal::open(
+        &d.0,
+        WalOptions {
+            fsync: FsyncPolicy::None,
+            ..WalOptions::default()
+        },
+    )
+    .unwrap();
+    wal.append(&ents(1..=5, 1)).unwrap();
+    assert_eq!(wal.sync().unwrap(), 5);
+    drop(wal);
+    let mut wal = Wal::open(&d.0, WalOptions::default()).unwrap();
+    assert_eq!(wal.recover().unwrap().entries.len(), 5);
+}
+
+#[test]
+fn a_newest_segment_without_its_start_record_is_dropped() {
+    let d = TempDir::new("empty-last");
+    write_log(&d.0, 20, 64 << 20);
+    // A crash right after creating the next segment: its name survived, no byte did
+    // (or only part of the start record).
+    let next =
+        d.0.join("wal")
+            .join("00000000000000000002-00000000000000000021.wal");
+    fs::write(&next, [0x11u8, 0x22, 0x33]).unwrap();
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    assert_eq!(wal.recover().unwrap().entries, ents(1..=20, 1));
+    assert!(!next.exists());
+    // The same file in the middle of the log is corruption.
+    drop(wal);
+    fs::write(&next, [0x11u8, 0x22, 0x33]).unwrap();
+    fs::write(
+        d.0.join("wal")
+            .join("00000000000000000003-00000000000000000021.wal"),
+        [],
+    )
+    .unwrap();
+    assert!(matches!(
+        Wal::open(&d.0, opts(64 << 20)),
+        Err(StorageError::Corrupt { .. })
+    ));
+}
