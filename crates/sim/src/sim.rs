@@ -115,9 +115,9 @@ struct Profile {
 
 impl Profile {
     fn choose(rng: &mut SimRng, disk: DiskFaults) -> Profile {
-        // A quarter of the seeds churn leaders hard: five nodes, no pre-vote, one entry
+        // Two seeds in five churn leaders hard: five nodes, no pre-vote, one entry
         // per append, and most new leaders crash or are cut off at once.
-        let churn = rng.chance(250_000);
+        let churn = rng.chance(400_000);
         let n = match if churn { 9 } else { rng.range(0, 10) } {
             0 => 1,
             1..=5 => 3,
@@ -145,7 +145,7 @@ impl Profile {
             clients: rng.range(2, 6) as u32,
             client_timeout_ticks: rng.range(15, 45),
             think_ticks: rng.range(0, 4),
-            read_mode: if rng.chance(300_000) {
+            read_mode: if rng.chance(500_000) {
                 ReadMode::Lease
             } else {
                 ReadMode::Safe
