@@ -40,7 +40,7 @@ pub use msg::{Body, Message};
 use progress::{Progress, ProgressState};
 use quorum::VoteResult;
 use read_only::ReadOnly;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 /// Most committed entries handed out in one `Ready`; the rest follow in the next one.
@@ -144,7 +144,10 @@ pub struct Raft {
     campaign_transfer: bool,
     reads: ReadOnly,
     /// Follower: reads forwarded to the leader and not yet answered.
-    forwarded_reads: usize,
+    /// Follower: when each read forwarded to the leader and not yet answered was sent.
+    /// Entries older than two election timeouts are presumed lost (dropped by a full leader
+    /// queue or the network; the caller has timed out) so the bound cannot fill up forever.
+    forwarded_reads: VecDeque<u64>,
 
     /// The newest snapshot, kept to send to lagging followers (shared with the transfers
     /// in progress).
@@ -226,7 +229,7 @@ impl Raft {
         self.transfer_elapsed = 0;
         self.campaign_transfer = false;
         self.reads.clear();
-        self.forwarded_reads = 0;
+        self.forwarded_reads.clear();
         self.replicate_dirty = false;
         self.commit_dirty = false;
     }
@@ -679,7 +682,7 @@ impl Raft {
             }
             Body::TimeoutNow => self.on_timeout_now(),
             Body::ReadIndexResp { index, ctx } => {
-                self.forwarded_reads = self.forwarded_reads.saturating_sub(1);
+                self.forwarded_reads.pop_front();
                 self.read_states.push(ReadState { index, ctx });
             }
             _ => {}
@@ -761,6 +764,14 @@ impl Raft {
     }
 
     fn tick_other(&mut self) {
+        let expiry = 2 * u64::from(self.e());
+        while self
+            .forwarded_reads
+            .front()
+            .is_some_and(|&t| self.ticks.saturating_sub(t) >= expiry)
+        {
+            self.forwarded_reads.pop_front();
+        }
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if self.election_elapsed >= self.e() {
             self.lease_guard = false;
@@ -872,7 +883,7 @@ impl Replica for Raft {
             transfer_elapsed: 0,
             campaign_transfer: false,
             reads: ReadOnly::new(config.max_pending_reads),
-            forwarded_reads: 0,
+            forwarded_reads: VecDeque::new(),
             snapshot: recovered.snapshot.clone().map(Arc::new),
             incoming: None,
             pending_snapshot: None,
@@ -979,10 +990,10 @@ impl Replica for Raft {
         match self.role {
             StateRole::Leader => self.leader_read(self.id, ctx),
             _ if self.leader != NO_NODE => {
-                if self.forwarded_reads >= self.cfg.max_pending_reads {
+                if self.forwarded_reads.len() >= self.cfg.max_pending_reads {
                     return Err(ProposeError::Busy);
                 }
-                self.forwarded_reads += 1;
+                self.forwarded_reads.push_back(self.ticks);
                 let leader = self.leader;
                 self.send(leader, Body::ReadIndex { ctx });
                 Ok(())
