@@ -20,11 +20,14 @@
 //!   made between two `Ready`s share one append message per follower.
 
 mod conf;
+mod follower;
 mod log;
 pub mod msg;
 mod progress;
 mod quorum;
 mod read_only;
+mod reads;
+mod replication;
 
 use crate::{
     ConfChange, ConfChangeItem, ConfState, Config, ConfigError, DecodeError, Entry, EntryKind,
@@ -37,7 +40,7 @@ pub use msg::{Body, Message};
 use progress::{Progress, ProgressState};
 use quorum::VoteResult;
 use read_only::ReadOnly;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 /// Most committed entries handed out in one `Ready`; the rest follow in the next one.
@@ -141,7 +144,10 @@ pub struct Raft {
     campaign_transfer: bool,
     reads: ReadOnly,
     /// Follower: reads forwarded to the leader and not yet answered.
-    forwarded_reads: usize,
+    /// Follower: when each read forwarded to the leader and not yet answered was sent.
+    /// Entries older than two election timeouts are presumed lost (dropped by a full leader
+    /// queue or the network; the caller has timed out) so the bound cannot fill up forever.
+    forwarded_reads: VecDeque<u64>,
 
     /// The newest snapshot, kept to send to lagging followers (shared with the transfers
     /// in progress).
@@ -223,7 +229,7 @@ impl Raft {
         self.transfer_elapsed = 0;
         self.campaign_transfer = false;
         self.reads.clear();
-        self.forwarded_reads = 0;
+        self.forwarded_reads.clear();
         self.replicate_dirty = false;
         self.commit_dirty = false;
     }
@@ -455,271 +461,8 @@ impl Raft {
         self.commit = index;
     }
 
-    /// Leader: advances commit to what a (joint) majority holds durably, counting only
-    /// entries of the current term (thesis §3.6.2, Figure 3.7).
-    fn maybe_commit(&mut self) -> bool {
-        if self.role != StateRole::Leader {
-            return false;
-        }
-        let own = self.log.stable();
-        let mci = {
-            let progress = &self.progress;
-            let id = self.id;
-            quorum::joint_value(self.conf_state(), |v| {
-                if v == id {
-                    own
-                } else {
-                    progress.get(&v).map_or(0, |p| p.matched)
-                }
-            })
-        };
-        if mci == u64::MAX || mci <= self.commit {
-            return false;
-        }
-        if self.log.term(mci) != Some(self.term) && !self.bug(Bug::CommitOldTerm) {
-            return false;
-        }
-        let old = self.commit;
-        self.commit_to(mci);
-        // Release the uncommitted-bytes budget of this term's newly committed entries.
-        for i in (old + 1).max(self.term_start_index + 1)..=self.commit {
-            if let Some(e) = self.log.entry(i) {
-                self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(e.data.len());
-            }
-        }
-        self.commit_dirty = true;
-        self.replicate_dirty = true;
-        self.after_commit_leader();
-        true
-    }
-
-    fn after_commit_leader(&mut self) {
-        // Thesis §4.3: once C_old,new commits the leader moves on to C_new by itself.
-        if self.conf_state().is_joint() && self.commit >= self.pending_conf_index {
-            self.append_entry(
-                EntryKind::ConfChange,
-                ConfChange { changes: vec![] }.encode(),
-            );
-        }
-        self.resolve_reads();
-        // Thesis §4.2.2: a leader that is not part of the new configuration steps down
-        // once the entry that removed it has committed.
-        if !self.promotable() && self.commit >= self.pending_conf_index {
-            let term = self.term;
-            self.become_follower(term, NO_NODE);
-        }
-    }
-
-    // ----- sending -----------------------------------------------------------------------
-
-    /// Sends one append (or starts a snapshot) to `to` if its progress allows.
-    /// Returns true if something was sent.
-    fn send_append(&mut self, to: NodeId, allow_empty: bool) -> bool {
-        let Some(pr) = self.progress.get(&to) else {
-            return false;
-        };
-        if !pr.can_send() {
-            return false;
-        }
-        let prev_index = pr.next - 1;
-        let Some(prev_term) = self.log.term(prev_index) else {
-            return self.start_snapshot(to);
-        };
-        let entries = self.log.slice(
-            pr.next,
-            self.log.last_index(),
-            self.cfg.max_batch_entries,
-            self.cfg.max_batch_bytes,
-        );
-        if entries.is_empty() && !allow_empty {
-            return false;
-        }
-        let last = entries.last().map(|e| e.index);
-        let commit = self.commit;
-        let pr = self.progress.get_mut(&to).expect("checked above");
-        match pr.state {
-            ProgressState::Replicate => {
-                if let Some(last) = last {
-                    pr.next = last + 1;
-                    pr.inflights.add(last, self.ticks);
-                }
-            }
-            ProgressState::Probe => {
-                pr.paused = true;
-                pr.sent_tick = self.ticks;
-            }
-            ProgressState::Snapshot => unreachable!("can_send is false while snapshotting"),
-        }
-        self.send(
-            to,
-            Body::Append {
-                prev_index,
-                prev_term,
-                entries,
-                commit,
-            },
-        );
-        true
-    }
-
-    fn start_snapshot(&mut self, to: NodeId) -> bool {
-        let Some(snap) = self.snapshot.clone() else {
-            return false; // Nothing to send yet; cannot happen once compaction ran.
-        };
-        if let Some(pr) = self.progress.get_mut(&to) {
-            pr.become_snapshot(snap);
-        }
-        self.send_snapshot_chunk(to);
-        true
-    }
-
-    fn send_snapshot_chunk(&mut self, to: NodeId) {
-        let Some(pr) = self.progress.get_mut(&to) else {
-            return;
-        };
-        let Some(snap) = pr.snapshot.clone() else {
-            return;
-        };
-        pr.sent_tick = self.ticks;
-        let len = snap.data.len() as u64;
-        let offset = pr.snapshot_offset.min(len);
-        let end = (offset + self.cfg.snapshot_chunk_bytes as u64).min(len);
-        let body = Body::Snapshot {
-            meta: snap.meta.clone(),
-            offset,
-            data: snap.data[offset as usize..end as usize].to_vec(),
-            done: end == len,
-        };
-        self.send(to, body);
-    }
-
-    /// Sends whatever each follower's window allows. Called when a `Ready` is built, so
-    /// proposals made since the last one are batched into as few messages as possible.
-    fn flush_replication(&mut self) {
-        if !self.replicate_dirty {
-            return;
-        }
-        self.replicate_dirty = false;
-        let commit_dirty = std::mem::take(&mut self.commit_dirty);
-        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
-        for to in peers {
-            let mut sent = false;
-            // Bounded: each send either fills one inflight slot or pauses a probe.
-            for _ in 0..=self.cfg.max_inflight_msgs {
-                if !self.send_append(to, false) {
-                    break;
-                }
-                sent = true;
-            }
-            let replicate = self
-                .progress
-                .get(&to)
-                .is_some_and(|p| p.state == ProgressState::Replicate);
-            let idle = self
-                .progress
-                .get(&to)
-                .is_some_and(|p| p.inflights.is_empty());
-            // Only when nothing is in flight: an empty append racing ahead of in-flight
-            // entries would be rejected and knock the follower back to probing.
-            if commit_dirty && !sent && replicate && idle {
-                // Nothing new to send, but the follower should learn the commit index.
-                self.send_append(to, true);
-            }
-        }
-    }
-
-    fn broadcast_heartbeat(&mut self, read_seq: u64) {
-        let peers: Vec<(NodeId, u64)> = self
-            .progress
-            .iter()
-            .map(|(&id, p)| (id, p.matched))
-            .collect();
-        for (to, matched) in peers {
-            let commit = self.commit.min(matched);
-            let sent_tick = self.ticks;
-            self.send(
-                to,
-                Body::Heartbeat {
-                    commit,
-                    read_seq,
-                    sent_tick,
-                },
-            );
-        }
-    }
-
-    // ----- reads -------------------------------------------------------------------------
-
-    fn committed_in_term(&self) -> bool {
-        self.log.term(self.commit) == Some(self.term)
-    }
-
-    /// The lease (thesis §6.4.1): followers that acknowledged a heartbeat sent at leader
-    /// tick `t` will not vote for anyone else before their election timeout elapses, so no
-    /// other leader can exist before `t + election_ticks`. We stop one tick short to
-    /// absorb the phase difference between the leader's and the followers' ticks.
-    fn lease_valid(&self) -> bool {
-        if self.bug(Bug::LeaseWithoutCheckQuorum) {
-            return true;
-        }
-        if self.cfg.read_mode != ReadMode::Lease || !self.cfg.check_quorum {
-            return false;
-        }
-        let (id, ticks, progress) = (self.id, self.ticks, &self.progress);
-        let start = quorum::joint_value(self.conf_state(), |v| {
-            if v == id {
-                ticks
-            } else {
-                progress.get(&v).map_or(0, |p| p.hb_acked_tick)
-            }
-        });
-        start > 0 && ticks.saturating_sub(start) < u64::from(self.e() - 1)
-    }
-
-    fn lease_read_ok(&self) -> bool {
-        (self.cfg.read_mode == ReadMode::Lease || self.bug(Bug::LeaseWithoutCheckQuorum))
-            && self.committed_in_term()
-            && self.lease_valid()
-    }
-
-    fn answer_read(&mut self, from: NodeId, ctx: Vec<u8>) {
-        let index = self.commit;
-        if from == self.id {
-            self.read_states.push(ReadState { index, ctx });
-        } else {
-            self.send(from, Body::ReadIndexResp { index, ctx });
-        }
-    }
-
-    /// Answers every read a quorum has confirmed, once we have committed in our term.
-    fn resolve_reads(&mut self) {
-        if self.role != StateRole::Leader || !self.committed_in_term() {
-            return;
-        }
-        let (id, progress) = (self.id, &self.progress);
-        let acked = quorum::joint_value(self.conf_state(), |v| {
-            if v == id {
-                u64::MAX
-            } else {
-                progress.get(&v).map_or(0, |p| p.read_seq_acked)
-            }
-        });
-        for r in self.reads.confirm(acked) {
-            self.answer_read(r.from, r.ctx);
-        }
-    }
-
-    fn leader_read(&mut self, from: NodeId, ctx: Vec<u8>) -> Result<(), ProposeError> {
-        if self.lease_read_ok() {
-            self.answer_read(from, ctx);
-            return Ok(());
-        }
-        if self.reads.push(ctx, from).is_none() {
-            return Err(ProposeError::Busy);
-        }
-        self.resolve_reads(); // A single-voter group confirms immediately.
-        Ok(())
-    }
+    // Leader-side replication lives in replication.rs, follower-side in follower.rs and
+    // reads in reads.rs.
 
     // ----- step --------------------------------------------------------------------------
 
@@ -939,216 +682,11 @@ impl Raft {
             }
             Body::TimeoutNow => self.on_timeout_now(),
             Body::ReadIndexResp { index, ctx } => {
-                self.forwarded_reads = self.forwarded_reads.saturating_sub(1);
+                self.forwarded_reads.pop_front();
                 self.read_states.push(ReadState { index, ctx });
             }
             _ => {}
         }
-    }
-
-    fn handle_append(
-        &mut self,
-        from: NodeId,
-        mut prev_index: u64,
-        mut prev_term: u64,
-        mut entries: Vec<Entry>,
-        leader_commit: u64,
-    ) {
-        // Reject malformed batches outright: indices must follow prev_index and terms may
-        // not exceed the leader's term or go backwards.
-        if prev_index.checked_add(entries.len() as u64 + 1).is_none() {
-            return; // Indices this large cannot come from a real log.
-        }
-        let mut t = prev_term;
-        for (e, expect) in entries.iter().zip(prev_index + 1..) {
-            if e.index != expect || e.term < t || e.term > self.term {
-                return;
-            }
-            t = e.term;
-        }
-        if prev_index < self.commit {
-            // Everything up to our commit index already matches the leader (Leader
-            // Completeness); skip that prefix.
-            entries.retain(|e| e.index > self.commit);
-            prev_index = self.commit;
-            prev_term = self
-                .log
-                .term(self.commit)
-                .expect("commit is in the log or snapshot");
-            if let Some(first) = entries.first() {
-                if first.index != prev_index + 1 {
-                    return;
-                }
-            }
-        }
-        match self.log.term(prev_index) {
-            None => {
-                let hint_index = self.log.last_index() + 1;
-                self.send(
-                    from,
-                    Body::AppendResp {
-                        index: prev_index,
-                        reject: true,
-                        hint_index,
-                        hint_term: 0,
-                    },
-                );
-                return;
-            }
-            Some(t) if t != prev_term => {
-                let hint_index = self.log.first_index_of_term_at(prev_index);
-                self.send(
-                    from,
-                    Body::AppendResp {
-                        index: prev_index,
-                        reject: true,
-                        hint_index,
-                        hint_term: t,
-                    },
-                );
-                return;
-            }
-            Some(_) => {}
-        }
-        // Find the first entry we do not already hold.
-        let mut start = entries.len();
-        for (i, e) in entries.iter().enumerate() {
-            match self.log.term(e.index) {
-                Some(t) if t == e.term => continue,
-                Some(_) => {
-                    if e.index <= self.commit {
-                        // A correct leader never contradicts a committed entry; ignore
-                        // the message rather than lose committed data.
-                        return;
-                    }
-                    self.truncate_from(e.index);
-                    start = i;
-                    break;
-                }
-                None => {
-                    start = i;
-                    break;
-                }
-            }
-        }
-        let last_new = prev_index + entries.len() as u64;
-        for e in entries.into_iter().skip(start) {
-            self.on_appended(&e);
-            self.log.append(e);
-        }
-        self.commit_to(leader_commit.min(last_new));
-        self.send(
-            from,
-            Body::AppendResp {
-                index: last_new,
-                reject: false,
-                hint_index: 0,
-                hint_term: 0,
-            },
-        );
-    }
-
-    fn handle_snapshot_chunk(
-        &mut self,
-        from: NodeId,
-        meta: SnapshotMeta,
-        offset: u64,
-        data: Vec<u8>,
-        done: bool,
-    ) {
-        if meta.index <= self.commit {
-            // We already have all of it: tell the leader where we are.
-            self.incoming = None;
-            let index = self.commit;
-            self.send(
-                from,
-                Body::AppendResp {
-                    index,
-                    reject: false,
-                    hint_index: 0,
-                    hint_term: 0,
-                },
-            );
-            return;
-        }
-        if meta.index == 0 || meta.term > self.term || meta.conf.voters.is_empty() {
-            return; // Not a snapshot any leader could have produced.
-        }
-        let term = self.term;
-        let matches = self
-            .incoming
-            .as_ref()
-            .is_some_and(|s| s.term == term && s.meta == meta && s.data.len() as u64 == offset);
-        if offset == 0 {
-            self.incoming = Some(IncomingSnapshot {
-                term,
-                meta: meta.clone(),
-                data: Vec::new(),
-            });
-        } else if !matches {
-            let next_offset = self
-                .incoming
-                .as_ref()
-                .filter(|s| s.term == term && s.meta == meta)
-                .map_or(0, |s| s.data.len() as u64);
-            self.send(
-                from,
-                Body::SnapshotResp {
-                    index: meta.index,
-                    next_offset,
-                },
-            );
-            return;
-        }
-        let inc = self.incoming.as_mut().expect("set above");
-        if inc.data.len() + data.len() > MAX_SNAPSHOT_BYTES {
-            self.incoming = None;
-            return;
-        }
-        inc.data.extend_from_slice(&data);
-        if !done {
-            let next_offset = inc.data.len() as u64;
-            self.send(
-                from,
-                Body::SnapshotResp {
-                    index: meta.index,
-                    next_offset,
-                },
-            );
-            return;
-        }
-        let inc = self.incoming.take().expect("set above");
-        self.restore(Snapshot {
-            meta: inc.meta,
-            data: inc.data,
-        });
-        let index = self.commit;
-        self.send(
-            from,
-            Body::AppendResp {
-                index,
-                reject: false,
-                hint_index: 0,
-                hint_term: 0,
-            },
-        );
-    }
-
-    /// Installs a snapshot received from the leader (thesis §5.3).
-    fn restore(&mut self, snap: Snapshot) {
-        let meta = &snap.meta;
-        assert!(meta.index > self.commit);
-        if self.log.term(meta.index) == Some(meta.term) {
-            // Our log already holds the snapshot's last entry: keep the log, just commit.
-            self.commit_to(meta.index);
-            return;
-        }
-        self.log.restore(meta.index, meta.term);
-        self.conf.reset(meta.conf.clone());
-        self.commit = meta.index;
-        self.applying = self.applying.max(meta.index);
-        self.snapshot = Some(Arc::new(snap.clone()));
-        self.pending_snapshot = Some(snap);
     }
 
     fn step_leader(&mut self, from: NodeId, body: Body) {
@@ -1189,136 +727,6 @@ impl Raft {
         }
     }
 
-    fn handle_append_resp(
-        &mut self,
-        from: NodeId,
-        index: u64,
-        reject: bool,
-        hint_index: u64,
-        hint_term: u64,
-    ) {
-        let last = self.log.last_index();
-        let Some(pr) = self.progress.get(&from) else {
-            return;
-        };
-        let (state, matched, next) = (pr.state, pr.matched, pr.next);
-        if index > last {
-            return; // Acknowledges something we never sent: invalid.
-        }
-        self.progress.get_mut(&from).expect("present").recent_active = true;
-        if reject {
-            // A rejection of something at or below the match point is a stale or
-            // duplicated answer (the follower already acknowledged that prefix).
-            let stale = index <= matched
-                || match state {
-                    ProgressState::Probe => index + 1 != next,
-                    ProgressState::Replicate => false,
-                    ProgressState::Snapshot => true,
-                };
-            if stale || index == 0 {
-                return;
-            }
-            // Fast back-tracking (thesis §5.3 note): skip the follower's whole
-            // conflicting term, or jump to its end if its log is short.
-            let mut new_next = hint_index;
-            if hint_term != 0 {
-                let mut j = index.min(last);
-                while j > self.log.snapshot_index()
-                    && self.log.term(j).is_some_and(|t| t > hint_term)
-                {
-                    j -= 1;
-                }
-                if self.log.term(j) == Some(hint_term) {
-                    new_next = j + 1;
-                }
-            }
-            let new_next = new_next.clamp(matched + 1, index);
-            self.progress
-                .get_mut(&from)
-                .expect("present")
-                .become_probe(new_next);
-            self.replicate_dirty = true;
-            return;
-        }
-        let pr = self.progress.get_mut(&from).expect("present");
-        if pr.maybe_update(index) {
-            match pr.state {
-                ProgressState::Probe => pr.become_replicate(),
-                ProgressState::Replicate => pr.inflights.free_to(index),
-                ProgressState::Snapshot => {
-                    let next = pr.matched + 1;
-                    pr.become_probe(next);
-                }
-            }
-            self.maybe_commit();
-            let caught_up = self
-                .progress
-                .get(&from)
-                .is_some_and(|p| p.matched == self.log.last_index());
-            if self.lead_transferee == from && caught_up {
-                self.send(from, Body::TimeoutNow);
-            }
-        } else {
-            match pr.state {
-                ProgressState::Probe => pr.paused = false,
-                ProgressState::Snapshot => {
-                    let next = pr.matched + 1;
-                    pr.become_probe(next);
-                }
-                ProgressState::Replicate => {}
-            }
-        }
-        self.replicate_dirty = true;
-    }
-
-    fn handle_heartbeat_resp(&mut self, from: NodeId, read_seq: u64, sent_tick: u64) {
-        let last = self.log.last_index();
-        let ticks = self.ticks;
-        let Some(pr) = self.progress.get_mut(&from) else {
-            return;
-        };
-        pr.recent_active = true;
-        if sent_tick <= ticks {
-            pr.hb_acked_tick = pr.hb_acked_tick.max(sent_tick);
-        }
-        pr.read_seq_acked = pr.read_seq_acked.max(read_seq);
-        let behind = pr.matched < last;
-        match pr.state {
-            // Probe and Snapshot retransmit only when this heartbeat was sent after our last
-            // probe or chunk: on an ordered link its answer would have arrived first, so it
-            // was lost. Retransmitting on every answer (reads add heartbeat rounds) would
-            // multiply duplicate probes and chunk streams.
-            ProgressState::Probe => {
-                if pr.sent_tick < sent_tick {
-                    pr.paused = false;
-                    if behind {
-                        self.send_append(from, true);
-                    }
-                }
-            }
-            ProgressState::Replicate => {
-                // The follower answered a heartbeat sent after our oldest unacknowledged
-                // append; on an ordered link that append's answer would have come first, so
-                // it was probably lost. Free a slot and send an append from `next`: if the
-                // follower misses entries it rejects it and we fall back to probing.
-                let stalled = !matches!(pr.inflights.oldest_tick(), Some(t) if t >= sent_tick);
-                if behind && stalled {
-                    if pr.inflights.full() {
-                        pr.inflights.free_first();
-                    }
-                    self.send_append(from, true);
-                }
-                self.replicate_dirty = true;
-            }
-            ProgressState::Snapshot => {
-                if pr.sent_tick < sent_tick {
-                    self.send_snapshot_chunk(from);
-                }
-            }
-        }
-        self.resolve_reads();
-    }
-
     fn tick_leader(&mut self) {
         self.heartbeat_elapsed += 1;
         self.election_elapsed += 1;
@@ -1356,6 +764,14 @@ impl Raft {
     }
 
     fn tick_other(&mut self) {
+        let expiry = 2 * u64::from(self.e());
+        while self
+            .forwarded_reads
+            .front()
+            .is_some_and(|&t| self.ticks.saturating_sub(t) >= expiry)
+        {
+            self.forwarded_reads.pop_front();
+        }
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if self.election_elapsed >= self.e() {
             self.lease_guard = false;
@@ -1467,7 +883,7 @@ impl Replica for Raft {
             transfer_elapsed: 0,
             campaign_transfer: false,
             reads: ReadOnly::new(config.max_pending_reads),
-            forwarded_reads: 0,
+            forwarded_reads: VecDeque::new(),
             snapshot: recovered.snapshot.clone().map(Arc::new),
             incoming: None,
             pending_snapshot: None,
@@ -1574,10 +990,10 @@ impl Replica for Raft {
         match self.role {
             StateRole::Leader => self.leader_read(self.id, ctx),
             _ if self.leader != NO_NODE => {
-                if self.forwarded_reads >= self.cfg.max_pending_reads {
+                if self.forwarded_reads.len() >= self.cfg.max_pending_reads {
                     return Err(ProposeError::Busy);
                 }
-                self.forwarded_reads += 1;
+                self.forwarded_reads.push_back(self.ticks);
                 let leader = self.leader;
                 self.send(leader, Body::ReadIndex { ctx });
                 Ok(())

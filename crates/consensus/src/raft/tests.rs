@@ -517,3 +517,33 @@ fn conf_change_rules() {
         Err(ProposeError::NotLeader { leader: 1 })
     );
 }
+
+#[test]
+fn forwarded_reads_are_bounded_and_expire() {
+    let mut c = cfg(2);
+    c.max_pending_reads = 2;
+    let mut r = Raft::create(c, ConfState::new([1, 2, 3]), Recovered::default()).unwrap();
+    let heartbeat = Message {
+        term: 1,
+        body: Body::Heartbeat {
+            commit: 0,
+            read_seq: 0,
+            sent_tick: 1,
+        },
+    };
+    r.step(1, heartbeat.clone());
+    // The leader never answers: the follower's bound fills up...
+    r.read_index(b"a".to_vec()).unwrap();
+    r.read_index(b"b".to_vec()).unwrap();
+    assert_eq!(r.read_index(b"c".to_vec()), Err(ProposeError::Busy));
+    // ...and frees itself once the forwards are presumed lost (two election timeouts),
+    // while the leader keeps the follower from campaigning.
+    for _ in 0..19 {
+        r.tick();
+        r.step(1, heartbeat.clone());
+    }
+    assert_eq!(r.read_index(b"d".to_vec()), Err(ProposeError::Busy));
+    r.tick();
+    assert_eq!(r.status().role, Role::Follower);
+    assert_eq!(r.read_index(b"d".to_vec()), Ok(()));
+}
