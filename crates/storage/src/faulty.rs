@@ -163,6 +163,12 @@ impl FaultyStore {
         &self.wal
     }
 
+    /// Test switch, see `Wal::set_batching_for_tests`.
+    #[doc(hidden)]
+    pub fn set_batching_for_tests(&mut self, on: bool) {
+        self.wal.set_batching_for_tests(on);
+    }
+
     fn check_alive(&self) -> Result<()> {
         if self.crashed {
             return Err(StorageError::Invalid(
