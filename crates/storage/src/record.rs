@@ -36,6 +36,7 @@ const TYPE_ENTRY: u8 = 2;
 const TYPE_HARD_STATE: u8 = 3;
 const TYPE_COMPACT: u8 = 4;
 const TYPE_BATCH_BEGIN: u8 = 5;
+const TYPE_SYNC_MARK: u8 = 6;
 
 /// One decoded record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +67,13 @@ pub enum Record {
     BatchBegin {
         first_index: u64,
         count: u64,
+    },
+    /// Written just before every fsync of a segment: `offset` is this record's own byte
+    /// offset in its file. Every synced stretch of a segment thus ends with a marker, so
+    /// damage to any record that carries data is followed by intact bytes and is reported
+    /// as corruption, never cut off as a torn tail.
+    SyncMark {
+        offset: u64,
     },
 }
 
@@ -166,6 +174,11 @@ pub fn encode(out: &mut Vec<u8>, record: &Record) {
             out.extend_from_slice(&first_index.to_le_bytes());
             out.extend_from_slice(&count.to_le_bytes());
             finish(out, start, TYPE_BATCH_BEGIN);
+        }
+        Record::SyncMark { offset } => {
+            let start = begin(out);
+            out.extend_from_slice(&offset.to_le_bytes());
+            finish(out, start, TYPE_SYNC_MARK);
         }
     }
 }
@@ -306,6 +319,12 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
                 count: u64_at(p, 8),
             }
         }
+        TYPE_SYNC_MARK => {
+            want(8, "sync marker")?;
+            Record::SyncMark {
+                offset: u64_at(p, 0),
+            }
+        }
         t => return Err(DecodeError::Malformed(format!("unknown record type {t}"))),
     };
     Ok((record, total))
@@ -345,6 +364,7 @@ mod tests {
                 first_index: 40,
                 count: 3,
             },
+            Record::SyncMark { offset: 4096 },
         ]
     }
 

@@ -45,6 +45,9 @@ pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 << 20;
 /// 1 MiB: large enough that a batch is one `write`, small enough to bound memory.
 pub const WRITE_BUFFER_BYTES_MAX_DEFAULT: usize = 1 << 20;
 
+/// Encoded size of a `SyncMark` record.
+const SYNC_MARK_BYTES: u64 = HEADER_BYTES as u64 + 8;
+
 /// Encoded size of a `BatchBegin` record.
 const BATCH_BEGIN_BYTES: u64 = HEADER_BYTES as u64 + 16;
 
@@ -165,6 +168,8 @@ pub struct Wal<D: Disk = StdDisk> {
     snapshot_index: u64,
     /// Bytes were written to the active segment since its last fsync.
     file_dirty: bool,
+    /// Records were added to the active segment since its last sync marker.
+    unmarked: bool,
     /// A segment file was created or removed since the last directory fsync.
     dir_dirty: bool,
     /// The result of opening, until the first change.
@@ -224,6 +229,7 @@ impl<D: Disk> Wal<D> {
             hard_state: HardState::default(),
             snapshot_index: 0,
             file_dirty: false,
+            unmarked: false,
             dir_dirty: false,
             recovered: None,
             failed: None,
@@ -343,8 +349,25 @@ impl<D: Disk> Wal<D> {
         Ok(())
     }
 
+    /// Buffers a sync marker if records were added since the last one; called right
+    /// before every fsync of the active segment.
+    fn mark(&mut self) -> Result<()> {
+        if !self.unmarked {
+            return Ok(());
+        }
+        let offset = self.segments.last().expect("active segment").bytes;
+        self.put(&Record::SyncMark { offset })?;
+        debug_assert_eq!(
+            self.segments.last().map(|s| s.bytes),
+            Some(offset + SYNC_MARK_BYTES)
+        );
+        self.unmarked = false;
+        Ok(())
+    }
+
     /// Buffers one record for the active segment.
     fn put(&mut self, rec: &Record) -> Result<()> {
+        self.unmarked = true;
         let before = self.pending.len();
         record::encode(&mut self.pending, rec);
         let n = (self.pending.len() - before) as u64;
@@ -365,6 +388,7 @@ impl<D: Disk> Wal<D> {
         };
         let seq = match self.segments.last().map(|s| s.seq) {
             Some(prev_seq) => {
+                self.mark()?;
                 self.flush()?;
                 self.fsync_active()?;
                 // The previous segment's name too, so that no crash can keep a newer
@@ -471,6 +495,7 @@ impl<D: Disk> Wal<D> {
     }
 
     fn sync_inner(&mut self) -> Result<u64> {
+        self.mark()?;
         self.flush()?;
         self.fsync_active()?;
         self.fsync_dir()?;
@@ -492,6 +517,7 @@ impl<D: Disk> Wal<D> {
         self.pending.clear();
         self.segments.clear();
         self.file_dirty = false;
+        self.unmarked = false;
         self.dir_dirty = false;
         let wal_dir = self.wal_dir.clone();
         self.disk
@@ -532,6 +558,8 @@ impl<D: Disk> Wal<D> {
                 bytes: 0,
             };
             let mut at = 0usize;
+            // Whether the last record kept so far is a sync marker.
+            let mut marked = false;
             while at < buf.len() {
                 let rec_at = at as u64;
                 let rec = match record::decode(&buf[at..]) {
@@ -560,6 +588,7 @@ impl<D: Disk> Wal<D> {
                         break;
                     }
                 };
+                marked = matches!(rec, Record::SyncMark { .. });
                 self.replay_record(&mut rp, &mut seg, rec, pos, &path, rec_at)?;
                 seg.bytes = at as u64;
             }
@@ -584,7 +613,12 @@ impl<D: Disk> Wal<D> {
                     .truncate(&path, b.at)
                     .map_err(|e| io_err(&path, e))?;
                 seg.bytes = b.at;
+                // The record before a batch-begin is never a marker (a batch follows an
+                // entry, a hard state or a segment start).
+                marked = false;
             }
+            // Records that survived a crash unsynced (or a cut) get a marker below.
+            self.unmarked = !marked;
             if seg.bytes == 0 {
                 // Not even its first record made it: a segment created just before a
                 // crash. Only acceptable as the newest one.
@@ -671,6 +705,11 @@ impl<D: Disk> Wal<D> {
         }
         if self.segments.is_empty() {
             self.roll(Some((self.base, self.base_term)))?;
+            self.sync_inner()?;
+        } else if self.unmarked {
+            // The newest segment ends with records that survived a crash without being
+            // synced (or was cut back): mark them, so that from now on damage to them
+            // is corruption rather than a torn tail.
             self.sync_inner()?;
         }
         Ok(Recovered {
@@ -808,6 +847,13 @@ impl<D: Disk> Wal<D> {
                 });
             }
             Record::HardState(hs) => rp.hard_state = hs,
+            Record::SyncMark { offset } => {
+                if offset != rec_at {
+                    return Err(bad(format!(
+                        "sync marker says byte offset {offset}, found at {rec_at}"
+                    )));
+                }
+            }
             Record::Compact { index, term } => {
                 if index <= rp.base {
                     if index == rp.base && rp.base_term.is_none() {
@@ -836,6 +882,7 @@ fn record_kind(r: &Record) -> &'static str {
         Record::HardState(_) => "a hard state",
         Record::Compact { .. } => "a compaction",
         Record::BatchBegin { .. } => "another batch",
+        Record::SyncMark { .. } => "a sync marker",
     }
 }
 
@@ -874,6 +921,7 @@ impl<D: Disk> LogStore for Wal<D> {
             if e.index <= self.last {
                 self.truncate_terms(e.index - 1);
             }
+            self.unmarked = true;
             let before = self.pending.len();
             record::encode_entry(&mut self.pending, e);
             let n = (self.pending.len() - before) as u64;
