@@ -115,9 +115,9 @@ struct Profile {
 
 impl Profile {
     fn choose(rng: &mut SimRng, disk: DiskFaults) -> Profile {
-        // A quarter of the seeds churn leaders hard: five nodes, no pre-vote, one entry
+        // Two seeds in five churn leaders hard: five nodes, no pre-vote, one entry
         // per append, and most new leaders crash or are cut off at once.
-        let churn = rng.chance(250_000);
+        let churn = rng.chance(400_000);
         let n = match if churn { 9 } else { rng.range(0, 10) } {
             0 => 1,
             1..=5 => 3,
@@ -145,7 +145,7 @@ impl Profile {
             clients: rng.range(2, 6) as u32,
             client_timeout_ticks: rng.range(15, 45),
             think_ticks: rng.range(0, 4),
-            read_mode: if rng.chance(300_000) {
+            read_mode: if rng.chance(500_000) {
                 ReadMode::Lease
             } else {
                 ReadMode::Safe
@@ -655,12 +655,15 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     && self.nodes.iter().all(|x| !x.wiped && !x.corrupted)
                     && self.cycle.is_none()
                     && self.rng.chance(self.profile.corrupt_share_ppm);
+                let mut mode = self.rng.range(0, 4);
                 if corrupt && self.nodes[Self::idx(victim)].store.corrupt(&mut self.rng) {
                     self.nodes[Self::idx(victim)].corrupted = true;
                     self.report.corrupt_injected += 1;
                     self.trace(|| format!("corrupt durable data of node {victim}"));
+                    // Crash at once, so the corruption meets recovery before the store moves on.
+                    mode = 3;
                 }
-                match self.rng.range(0, 4) {
+                match mode {
                     2 => {
                         self.trace(|| format!("arm crash of node {victim} before its next send"));
                         self.nodes[Self::idx(victim)].crash_before_send = true;

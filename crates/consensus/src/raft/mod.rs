@@ -55,7 +55,8 @@ pub const KNOWN_BUGS: &[&str] = &[
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bug {
-    /// Counts replicas of entries from earlier terms toward commit (breaks Figure 8).
+    /// Counts replicas of entries from earlier terms toward commit (breaks Figure 8), and,
+    /// like implementations that make this mistake, sees no need for a no-op on election.
     CommitOldTerm,
     /// Grants a vote without putting it in `Ready::hard_state`: a crash forgets it and the
     /// node can vote twice in one term.
@@ -136,6 +137,8 @@ pub struct Raft {
     term_start_index: u64,
     lead_transferee: NodeId,
     transfer_elapsed: u32,
+    /// This candidacy was started by TimeoutNow (its vote requests say so).
+    campaign_transfer: bool,
     reads: ReadOnly,
     /// Follower: reads forwarded to the leader and not yet answered.
     forwarded_reads: usize,
@@ -218,6 +221,7 @@ impl Raft {
         self.progress.clear();
         self.lead_transferee = NO_NODE;
         self.transfer_elapsed = 0;
+        self.campaign_transfer = false;
         self.reads.clear();
         self.forwarded_reads = 0;
         self.replicate_dirty = false;
@@ -250,19 +254,7 @@ impl Raft {
             self.become_candidate(false);
             return;
         }
-        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        for to in self.voters_except_self() {
-            self.msgs.push(Outgoing {
-                to,
-                msg: Message {
-                    term: self.term + 1,
-                    body: Body::PreVote {
-                        last_index,
-                        last_term,
-                    },
-                },
-            });
-        }
+        self.send_vote_requests();
     }
 
     fn become_candidate(&mut self, transfer: bool) {
@@ -277,17 +269,8 @@ impl Raft {
             self.become_leader();
             return;
         }
-        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        for to in self.voters_except_self() {
-            self.send(
-                to,
-                Body::Vote {
-                    last_index,
-                    last_term,
-                    transfer,
-                },
-            );
-        }
+        self.campaign_transfer = transfer;
+        self.send_vote_requests();
     }
 
     fn become_leader(&mut self) {
@@ -330,7 +313,7 @@ impl Raft {
                 )
                 .collect();
             self.append_entry(EntryKind::ConfChange, ConfChange { changes }.encode());
-        } else {
+        } else if !self.bug(Bug::CommitOldTerm) {
             self.append_entry(EntryKind::Noop, Vec::new());
         }
         self.term_start_index = self.log.last_index();
@@ -338,18 +321,53 @@ impl Raft {
         self.replicate_dirty = true;
     }
 
-    fn voters_except_self(&self) -> Vec<NodeId> {
-        let c = self.conf_state();
-        let mut v: Vec<NodeId> = c
-            .voters
-            .iter()
-            .chain(&c.voters_outgoing)
-            .copied()
+    /// Who receives our (pre-)vote requests: every other node of the configuration,
+    /// learners included. Only voters' answers count, but a node we list as a learner may
+    /// in fact have been promoted (our configuration can be stale); if it never heard of our
+    /// campaigns it could keep campaigning in terms we already used and never win
+    /// (observed in simulation with a stale voter and a lagging configuration).
+    fn campaign_targets(&self) -> Vec<NodeId> {
+        self.conf_state()
+            .all_nodes()
+            .into_iter()
             .filter(|&id| id != self.id)
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+            .collect()
+    }
+
+    /// Sends (pre-)vote requests to every campaign target that has not answered yet.
+    /// Called when the campaign starts and again every heartbeat interval while it lasts:
+    /// requests are idempotent and retried like any Raft RPC, so a lost request or a voter
+    /// that was down does not cost a whole election timeout.
+    fn send_vote_requests(&mut self) {
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        let transfer = self.campaign_transfer;
+        for to in self.campaign_targets() {
+            if self.votes.contains_key(&to) {
+                continue;
+            }
+            let (term, body) = match self.role {
+                StateRole::PreCandidate => (
+                    self.term + 1,
+                    Body::PreVote {
+                        last_index,
+                        last_term,
+                    },
+                ),
+                StateRole::Candidate => (
+                    self.term,
+                    Body::Vote {
+                        last_index,
+                        last_term,
+                        transfer,
+                    },
+                ),
+                _ => return,
+            };
+            self.msgs.push(Outgoing {
+                to,
+                msg: Message { term, body },
+            });
+        }
     }
 
     fn poll(&self) -> VoteResult {
@@ -777,6 +795,10 @@ impl Raft {
                     );
                 }
                 Body::PreVote { .. } => self.send(from, Body::PreVoteResp { reject: true }),
+                // Figure 3.1: the reply carries our term so a stale candidate catches up. It
+                // may hear of newer terms from nobody else (e.g. we are the only other
+                // voter in its configuration while ours no longer lists it).
+                Body::Vote { .. } => self.send(from, Body::VoteResp { reject: true }),
                 _ => {}
             }
             return;
@@ -1340,6 +1362,10 @@ impl Raft {
         }
         if self.election_elapsed >= self.randomized_timeout && self.promotable() {
             self.campaign();
+        } else if matches!(self.role, StateRole::PreCandidate | StateRole::Candidate)
+            && self.election_elapsed.checked_rem(self.cfg.heartbeat_ticks) == Some(0)
+        {
+            self.send_vote_requests();
         }
     }
 
@@ -1371,7 +1397,7 @@ impl Raft {
         if self.role == StateRole::Leader {
             assert_eq!(self.leader, self.id);
             assert!(
-                self.log.last_term() == self.term,
+                self.log.last_term() == self.term || self.bug(Bug::CommitOldTerm),
                 "leader's last entry is of its term"
             );
         }
@@ -1398,12 +1424,15 @@ impl Replica for Raft {
         };
         let log = RaftLog::new(snap_index, snap_term, recovered.entries.clone())
             .map_err(|r| bad("recovered.entries", r))?;
-        let hs = recovered.hard_state;
+        let mut hs = recovered.hard_state;
         if hs.term < log.last_term() {
-            return Err(bad(
-                "recovered.hard_state",
-                "term is older than the log's last term",
-            ));
+            // The entries and the hard state of one Ready were written together, and a
+            // crash before the fsync kept the entries but not the hard state. We learned
+            // that term from its leader without voting in it (a vote is always made durable
+            // before its answer leaves, in an earlier Ready), so adopting the term with no
+            // vote is exactly the state we were in.
+            hs.term = log.last_term();
+            hs.vote = NO_NODE;
         }
         // `commit` may have been persisted lazily (behind) but never ahead of the log;
         // entries already applied are committed by definition.
@@ -1436,6 +1465,7 @@ impl Replica for Raft {
             term_start_index: 0,
             lead_transferee: NO_NODE,
             transfer_elapsed: 0,
+            campaign_transfer: false,
             reads: ReadOnly::new(config.max_pending_reads),
             forwarded_reads: 0,
             snapshot: recovered.snapshot.clone().map(Arc::new),
@@ -1443,7 +1473,8 @@ impl Replica for Raft {
             pending_snapshot: None,
             msgs: Vec::new(),
             read_states: Vec::new(),
-            prev_hs: hs,
+            // What is on disk; an adjusted hard state is written with the first Ready.
+            prev_hs: recovered.hard_state,
             applied,
             applying: applied,
             ready_outstanding: false,
