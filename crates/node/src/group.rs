@@ -1,0 +1,1154 @@
+//! The group driver: one task per replication group, driving a [`Replica`] generically.
+//!
+//! Each round of the loop waits for one input (a tick, a peer frame, a client request),
+//! then drains whatever else is already queued (bounded by `drain_per_round_max`) before
+//! taking one `Ready`, so a single fsync covers every proposal that arrived meanwhile
+//! (group commit). A `Ready` is handled strictly in the contract's order:
+//!
+//! 1. persist the snapshot, entries and hard state, then `sync` when `must_sync`;
+//! 2. send the messages (only now may anything that depends on them leave the node);
+//! 3. apply committed entries, answer the clients waiting on them, release reads whose
+//!    index is now applied;
+//! 4. `advance`.
+//!
+//! The driver runs on its own OS thread with a current-thread tokio runtime because
+//! `sync` blocks on fsync: blocking there must not stall the network tasks, and a group
+//! has nothing useful to do while its log is being made durable anyway.
+//!
+//! Requests to a follower work: proposals are forwarded to the leader in a `Forward` frame
+//! and answered locally when the entry is applied here (see `envelope`); reads ask the
+//! leader for a read index and then wait until this node has applied it.
+
+use crate::config::{Limits, NodeConfig};
+use crate::envelope::{self, EnvelopeKind, NackCode};
+use crate::metrics::GroupMetrics;
+use crate::transport::{Frame, FrameKind, Transport};
+use bytes::Bytes;
+use concord_consensus::{
+    ConfChange, ConfState, Config as ReplicaConfig, EntryKind, GroupId, NodeId, ProposeError,
+    Ready, Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
+};
+use concord_storage::LogStore;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// A deterministic state machine replicated by a group.
+pub trait StateMachine: Send + 'static {
+    type Response: Send + 'static;
+    /// Applies a committed command. Must be deterministic: every replica calls it with the
+    /// same bytes in the same order. Bad bytes yield an error response, never a panic.
+    fn apply(&mut self, index: u64, cmd: &[u8]) -> Self::Response;
+    /// Records that `index` was applied without a command for this machine (no-ops,
+    /// membership changes), so its applied index stays exact.
+    fn skip(&mut self, index: u64);
+    fn snapshot(&self) -> Vec<u8>;
+    fn restore(&mut self, data: &[u8]) -> Result<(), String>;
+    /// Called by the leader before a command enters the log: may return a rewritten
+    /// command (e.g. stamped with the leader's clock). `None` keeps it as is.
+    fn prepare(_cmd: &[u8]) -> Option<Vec<u8>>
+    where
+        Self: Sized,
+    {
+        None
+    }
+}
+
+/// Rewrites an envelope's command with [`StateMachine::prepare`], keeping its header.
+fn prepare_payload<SM: StateMachine>(payload: &[u8]) -> Option<Vec<u8>> {
+    let env = envelope::decode(payload).ok()?;
+    if env.kind != EnvelopeKind::Command {
+        return None;
+    }
+    let body = SM::prepare(env.body)?;
+    Some(envelope::encode(
+        env.kind,
+        env.origin,
+        env.incarnation,
+        env.seq,
+        &body,
+    ))
+}
+
+/// Why a request failed. Each is a normal outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeError {
+    /// No leader is known right now (an election is in progress).
+    NoLeader,
+    /// A bounded queue is full.
+    TooManyRequests,
+    /// Not answered within `request_timeout_ms`; the request may or may not have applied.
+    Timeout,
+    TooLarge {
+        size: usize,
+        max: usize,
+    },
+    /// The node is shutting down.
+    Stopped,
+    /// Refused for a reason given (e.g. an invalid membership change).
+    Rejected(String),
+}
+
+impl fmt::Display for NodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeError::NoLeader => f.write_str("no leader"),
+            NodeError::TooManyRequests => f.write_str("too many requests"),
+            NodeError::Timeout => f.write_str("request timed out"),
+            NodeError::TooLarge { size, max } => {
+                write!(
+                    f,
+                    "request of {size} bytes exceeds the limit of {max} bytes"
+                )
+            }
+            NodeError::Stopped => f.write_str("node is stopping"),
+            NodeError::Rejected(why) => write!(f, "rejected: {why}"),
+        }
+    }
+}
+impl std::error::Error for NodeError {}
+
+/// A member's name and addresses (consensus knows only ids).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub name: String,
+    pub peer_addr: String,
+    pub client_addr: String,
+}
+
+/// What `/status`, `/health` and the API's status calls show. Refreshed every round.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GroupStatus {
+    pub group: GroupId,
+    pub id: NodeId,
+    pub role: String,
+    pub term: u64,
+    pub leader: NodeId,
+    pub commit: u64,
+    pub applied: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub snapshot_index: u64,
+    pub pending_proposals: usize,
+    pub pending_reads: usize,
+    /// Milliseconds since the last round that found a leader and was applying (for /health).
+    pub ms_since_progress: u64,
+    pub stopped: bool,
+}
+
+pub(crate) enum Request<T> {
+    Propose {
+        cmd: Vec<u8>,
+        reply: oneshot::Sender<Result<T, NodeError>>,
+    },
+    Read {
+        reply: oneshot::Sender<Result<u64, NodeError>>,
+    },
+    ConfChange {
+        change: ConfChange,
+        member: Option<MemberInfo>,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    TransferLeader {
+        to: NodeId,
+    },
+}
+
+/// A cheap, cloneable handle to a running group.
+pub struct GroupHandle<SM: StateMachine> {
+    pub group: GroupId,
+    tx: mpsc::Sender<Request<SM::Response>>,
+    /// The state machine; lock it to read local state after a read barrier.
+    pub sm: Arc<Mutex<SM>>,
+    pub status: Arc<Mutex<GroupStatus>>,
+    pub members: Arc<Mutex<BTreeMap<NodeId, MemberInfo>>>,
+    pub metrics: Arc<GroupMetrics>,
+    max_request_bytes: usize,
+}
+
+impl<SM: StateMachine> Clone for GroupHandle<SM> {
+    fn clone(&self) -> Self {
+        GroupHandle {
+            group: self.group,
+            tx: self.tx.clone(),
+            sm: self.sm.clone(),
+            status: self.status.clone(),
+            members: self.members.clone(),
+            metrics: self.metrics.clone(),
+            max_request_bytes: self.max_request_bytes,
+        }
+    }
+}
+
+impl<SM: StateMachine> GroupHandle<SM> {
+    fn enqueue(&self, r: Request<SM::Response>) -> Result<(), NodeError> {
+        self.tx.try_send(r).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => NodeError::TooManyRequests,
+            mpsc::error::TrySendError::Closed(_) => NodeError::Stopped,
+        })
+    }
+
+    /// Proposes a command and waits until it is applied on this node; returns the state
+    /// machine's response.
+    pub async fn propose(&self, cmd: Vec<u8>) -> Result<SM::Response, NodeError> {
+        let start = Instant::now();
+        self.metrics.proposals_total.fetch_add(1, Ordering::Relaxed);
+        let res = self.propose_inner(cmd).await;
+        match &res {
+            Ok(_) => self.metrics.write_latency.observe(start.elapsed()),
+            Err(_) => {
+                self.metrics
+                    .proposals_failed_total
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        res
+    }
+
+    async fn propose_inner(&self, cmd: Vec<u8>) -> Result<SM::Response, NodeError> {
+        if cmd.len() > self.max_request_bytes {
+            return Err(NodeError::TooLarge {
+                size: cmd.len(),
+                max: self.max_request_bytes,
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(Request::Propose { cmd, reply })?;
+        rx.await.unwrap_or(Err(NodeError::Stopped))
+    }
+
+    /// A linearizable read barrier: returns once this node's state machine reflects every
+    /// write acknowledged before the call (the returned value is the read index).
+    pub async fn read_barrier(&self) -> Result<u64, NodeError> {
+        let start = Instant::now();
+        self.metrics.reads_total.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        let res = match self.enqueue(Request::Read { reply }) {
+            Ok(()) => rx.await.unwrap_or(Err(NodeError::Stopped)),
+            Err(e) => Err(e),
+        };
+        match &res {
+            Ok(_) => self.metrics.read_latency.observe(start.elapsed()),
+            Err(_) => {
+                self.metrics
+                    .reads_failed_total
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        res
+    }
+
+    /// Proposes a membership change (at the leader) and waits until it is applied here.
+    /// `member` records the new member's name and addresses first.
+    pub async fn conf_change(
+        &self,
+        change: ConfChange,
+        member: Option<MemberInfo>,
+    ) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(Request::ConfChange {
+            change,
+            member,
+            reply,
+        })?;
+        rx.await.unwrap_or(Err(NodeError::Stopped))
+    }
+
+    pub fn transfer_leader(&self, to: NodeId) -> Result<(), NodeError> {
+        self.enqueue(Request::TransferLeader { to })
+    }
+
+    pub fn status(&self) -> GroupStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+}
+
+/// Everything a group needs at start.
+pub struct GroupParams<SM: StateMachine> {
+    pub group: GroupId,
+    pub config: NodeConfig,
+    pub store: Box<dyn LogStore + Send>,
+    pub sm: SM,
+    pub transport: Arc<Transport>,
+    pub members: BTreeMap<NodeId, MemberInfo>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Starts a group driver on its own thread. Fails (before spawning) if the stored state
+/// cannot be recovered or the replica refuses its config.
+pub fn spawn_group<R, SM>(
+    p: GroupParams<SM>,
+) -> Result<(GroupHandle<SM>, std::thread::JoinHandle<()>), String>
+where
+    R: Replica + Send + 'static,
+    SM: StateMachine,
+{
+    let GroupParams {
+        group,
+        config,
+        mut store,
+        mut sm,
+        transport,
+        mut members,
+        shutdown,
+    } = p;
+    let recovered = store
+        .recover()
+        .map_err(|e| format!("group {group}: recovering storage: {e}"))?;
+    let mut snapshot_index = 0;
+    if let Some(snap) = &recovered.snapshot {
+        let (m, data) = unwrap_snapshot(&snap.data)
+            .map_err(|e| format!("group {group}: snapshot at index {}: {e}", snap.meta.index))?;
+        sm.restore(data)
+            .map_err(|e| format!("group {group}: restoring snapshot {}: {e}", snap.meta.index))?;
+        if !m.is_empty() {
+            members = m;
+        }
+        snapshot_index = snap.meta.index;
+    }
+    let applied = recovered.applied;
+    let applied_term = recovered
+        .snapshot
+        .as_ref()
+        .map(|s| s.meta.term)
+        .unwrap_or(0);
+    let mut rc = ReplicaConfig::new(config.id);
+    rc.heartbeat_ticks = config.heartbeat_ticks;
+    rc.election_ticks = config.election_ticks;
+    rc.seed = config.id ^ now_nanos();
+    rc.max_entry_bytes = config.limits.max_request_bytes + envelope::ENVELOPE_HEADER_LEN;
+    rc.max_pending_reads = config.limits.pending_reads_max;
+    let initial = ConfState::new(config.peers.keys().copied());
+    let replica = R::create(rc, initial, recovered).map_err(|e| format!("group {group}: {e}"))?;
+    for (id, m) in &members {
+        if let Ok(a) = crate::config::parse_addr("peer", &m.peer_addr) {
+            transport.add_peer(*id, a);
+        }
+    }
+
+    let (in_tx, in_rx) = mpsc::channel(config.limits.inbound_queue_max);
+    transport.register_group(group, in_tx);
+    let (req_tx, req_rx) = mpsc::channel(config.limits.request_queue_max);
+    let sm = Arc::new(Mutex::new(sm));
+    let status = Arc::new(Mutex::new(GroupStatus {
+        group,
+        id: config.id,
+        ..GroupStatus::default()
+    }));
+    let members = Arc::new(Mutex::new(members));
+    let metrics = Arc::new(GroupMetrics::default());
+    let handle = GroupHandle {
+        group,
+        tx: req_tx,
+        sm: sm.clone(),
+        status: status.clone(),
+        members: members.clone(),
+        metrics: metrics.clone(),
+        max_request_bytes: config.limits.max_request_bytes,
+    };
+    let driver = Driver {
+        id: config.id,
+        group,
+        limits: config.limits.clone(),
+        tick: Duration::from_millis(config.tick_ms),
+        snapshot_every: config.snapshot_every_entries,
+        replica,
+        store,
+        sm,
+        transport,
+        incarnation: now_nanos() | 1,
+        next_seq: 1,
+        pending: HashMap::new(),
+        unproposed: VecDeque::new(),
+        reads_new: Vec::new(),
+        reads_by_ctx: HashMap::new(),
+        reads_by_index: BTreeMap::new(),
+        reads_waiting: 0,
+        next_read_ctx: 1,
+        conf_waiters: Vec::new(),
+        applied,
+        applied_term,
+        snapshot_index,
+        status,
+        members,
+        metrics,
+        last_progress: Instant::now(),
+        ticks: 0,
+        next_expire_scan: EXPIRE_SCAN_TICKS,
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("group-{group}-n{}", config.id))
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a current-thread runtime");
+            rt.block_on(driver.run(in_rx, req_rx, shutdown));
+        })
+        .map_err(|e| format!("group {group}: spawning its thread: {e}"))?;
+    Ok((handle, thread))
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
+/// Snapshot layout: `u32 LE members_json_len | members json | state machine bytes`.
+fn wrap_snapshot(members: &BTreeMap<NodeId, MemberInfo>, sm: &[u8]) -> Vec<u8> {
+    let m = serde_json::to_vec(members).expect("members serialise");
+    let mut out = Vec::with_capacity(4 + m.len() + sm.len());
+    out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+    out.extend_from_slice(&m);
+    out.extend_from_slice(sm);
+    out
+}
+
+fn unwrap_snapshot(data: &[u8]) -> Result<(BTreeMap<NodeId, MemberInfo>, &[u8]), String> {
+    if data.len() < 4 {
+        return Err("snapshot shorter than its header".into());
+    }
+    let n = u32::from_le_bytes(data[..4].try_into().expect("4 bytes")) as usize;
+    let body = &data[4..];
+    if body.len() < n {
+        return Err("snapshot member table truncated".into());
+    }
+    let members =
+        serde_json::from_slice(&body[..n]).map_err(|e| format!("snapshot member table: {e}"))?;
+    Ok((members, &body[n..]))
+}
+
+struct Pending<T> {
+    reply: oneshot::Sender<Result<T, NodeError>>,
+    deadline: Instant,
+    payload: Vec<u8>,
+    proposed: bool,
+}
+
+enum ReadWaiter {
+    Local(oneshot::Sender<Result<u64, NodeError>>, Instant),
+    /// A follower's read: answer with the index, it waits for its own apply.
+    Remote(NodeId, u64),
+}
+
+struct ConfWaiter {
+    change: ConfChange,
+    reply: oneshot::Sender<Result<(), NodeError>>,
+    deadline: Instant,
+}
+
+struct Driver<R: Replica, SM: StateMachine> {
+    id: NodeId,
+    group: GroupId,
+    limits: Limits,
+    tick: Duration,
+    snapshot_every: u64,
+    replica: R,
+    store: Box<dyn LogStore + Send>,
+    sm: Arc<Mutex<SM>>,
+    transport: Arc<Transport>,
+    incarnation: u64,
+    next_seq: u64,
+    pending: HashMap<u64, Pending<SM::Response>>,
+    /// Sequence numbers of proposals waiting for a leader to take them.
+    unproposed: VecDeque<u64>,
+    reads_new: Vec<ReadWaiter>,
+    reads_by_ctx: HashMap<u64, (Instant, Vec<ReadWaiter>)>,
+    reads_by_index: BTreeMap<u64, Vec<oneshot::Sender<Result<u64, NodeError>>>>,
+    reads_waiting: usize,
+    next_read_ctx: u64,
+    conf_waiters: Vec<ConfWaiter>,
+    applied: u64,
+    applied_term: u64,
+    snapshot_index: u64,
+    status: Arc<Mutex<GroupStatus>>,
+    members: Arc<Mutex<BTreeMap<NodeId, MemberInfo>>>,
+    metrics: Arc<GroupMetrics>,
+    last_progress: Instant,
+    ticks: u64,
+    next_expire_scan: u64,
+}
+
+/// Ticks between scans for timed-out requests.
+const EXPIRE_SCAN_TICKS: u64 = 10;
+/// Most conf-change requests waiting at once.
+const CONF_WAITERS_MAX: usize = 16;
+
+impl<R: Replica, SM: StateMachine> Driver<R, SM> {
+    async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<Frame>,
+        mut requests: mpsc::Receiver<Request<SM::Response>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.on_tick(),
+                f = inbound.recv() => match f {
+                    Some(f) => self.on_frame(f),
+                    None => break,
+                },
+                r = requests.recv() => match r {
+                    Some(r) => self.on_request(r),
+                    None => break,
+                },
+                _ = shutdown.changed() => break,
+            }
+            // Drain what is already queued so one Ready (one fsync) covers all of it.
+            let mut n = 0;
+            while n < self.limits.drain_per_round_max {
+                if let Ok(f) = inbound.try_recv() {
+                    self.on_frame(f);
+                } else if let Ok(r) = requests.try_recv() {
+                    self.on_request(r);
+                } else {
+                    break;
+                }
+                n += 1;
+            }
+            self.flush_reads();
+            // A Ready's apply can enable another (e.g. read states); bounded so the loop
+            // still reaches the next tick.
+            let mut rounds = 0;
+            while self.replica.has_ready() && rounds < 8 {
+                if let Err(e) = self.handle_ready() {
+                    // A storage failure leaves the durable state unknown: continuing could
+                    // acknowledge writes that are not durable. Stop this group loudly.
+                    tracing::error!(node = self.id, group = self.group, "stopping: {e}");
+                    self.fail_all(NodeError::Stopped);
+                    self.publish_status(true);
+                    return;
+                }
+                rounds += 1;
+            }
+            self.publish_status(false);
+        }
+        // Every sync above completed in-line, so what was acknowledged is durable.
+        self.fail_all(NodeError::Stopped);
+        self.publish_status(true);
+        tracing::debug!(node = self.id, group = self.group, "group stopped");
+    }
+
+    fn leader(&self) -> NodeId {
+        self.replica.status().leader
+    }
+
+    fn on_tick(&mut self) {
+        self.replica.tick();
+        self.ticks += 1;
+        if !self.unproposed.is_empty() && self.leader() != NO_NODE {
+            let seqs: Vec<u64> = self.unproposed.drain(..).collect();
+            for seq in seqs {
+                self.submit(seq);
+            }
+        }
+        if self.ticks >= self.next_expire_scan {
+            self.next_expire_scan = self.ticks + EXPIRE_SCAN_TICKS;
+            self.expire();
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in expired {
+            if let Some(p) = self.pending.remove(&seq) {
+                let err = if p.proposed || self.leader() != NO_NODE {
+                    NodeError::Timeout
+                } else {
+                    NodeError::NoLeader
+                };
+                let _ = p.reply.send(Err(err));
+            }
+        }
+        self.unproposed.retain(|s| self.pending.contains_key(s));
+        let no_leader = self.leader() == NO_NODE;
+        let err = || {
+            if no_leader {
+                NodeError::NoLeader
+            } else {
+                NodeError::Timeout
+            }
+        };
+        let mut keep = Vec::new();
+        for w in self.reads_new.drain(..) {
+            match w {
+                ReadWaiter::Local(tx, d) if d <= now => {
+                    let _ = tx.send(Err(err()));
+                    self.reads_waiting -= 1;
+                }
+                w => keep.push(w),
+            }
+        }
+        self.reads_new = keep;
+        let stale: Vec<u64> = self
+            .reads_by_ctx
+            .iter()
+            .filter(|(_, (d, _))| *d <= now)
+            .map(|(c, _)| *c)
+            .collect();
+        for ctx in stale {
+            if let Some((_, ws)) = self.reads_by_ctx.remove(&ctx) {
+                for w in ws {
+                    if let ReadWaiter::Local(tx, _) = w {
+                        let _ = tx.send(Err(err()));
+                        self.reads_waiting -= 1;
+                    }
+                }
+            }
+        }
+        // Reads waiting for their index to apply are bounded by the apply rate; they are
+        // released by apply, or failed on stop.
+        let mut keep = Vec::new();
+        for w in self.conf_waiters.drain(..) {
+            if w.deadline <= now {
+                let _ = w.reply.send(Err(NodeError::Timeout));
+            } else {
+                keep.push(w);
+            }
+        }
+        self.conf_waiters = keep;
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + Duration::from_millis(self.limits.request_timeout_ms)
+    }
+
+    fn on_request(&mut self, r: Request<SM::Response>) {
+        match r {
+            Request::Propose { cmd, reply } => {
+                if self.pending.len() >= self.limits.pending_proposals_max {
+                    let _ = reply.send(Err(NodeError::TooManyRequests));
+                    return;
+                }
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let payload =
+                    envelope::encode(EnvelopeKind::Command, self.id, self.incarnation, seq, &cmd);
+                let deadline = self.deadline();
+                self.pending.insert(
+                    seq,
+                    Pending {
+                        reply,
+                        deadline,
+                        payload,
+                        proposed: false,
+                    },
+                );
+                self.submit(seq);
+            }
+            Request::Read { reply } => {
+                if self.reads_waiting >= self.limits.pending_reads_max {
+                    let _ = reply.send(Err(NodeError::TooManyRequests));
+                    return;
+                }
+                self.reads_waiting += 1;
+                let d = self.deadline();
+                self.reads_new.push(ReadWaiter::Local(reply, d));
+            }
+            Request::ConfChange {
+                change,
+                member,
+                reply,
+            } => {
+                if self.leader() != self.id {
+                    let _ = reply.send(Err(match self.leader() {
+                        NO_NODE => NodeError::NoLeader,
+                        l => NodeError::Rejected(format!(
+                            "membership changes go to the leader (node {l})"
+                        )),
+                    }));
+                    return;
+                }
+                if self.conf_waiters.len() >= CONF_WAITERS_MAX {
+                    let _ = reply.send(Err(NodeError::TooManyRequests));
+                    return;
+                }
+                if let Some(m) = member {
+                    let body = serde_json::to_vec(&m).expect("member serialises");
+                    let data =
+                        envelope::encode(EnvelopeKind::Member, self.id, self.incarnation, 0, &body);
+                    if let Err(e) = self.replica.propose(data) {
+                        let _ = reply.send(Err(map_propose_error(e)));
+                        return;
+                    }
+                }
+                match self.replica.propose_conf_change(change.clone()) {
+                    Ok(()) => {
+                        let deadline = self.deadline();
+                        self.conf_waiters.push(ConfWaiter {
+                            change,
+                            reply,
+                            deadline,
+                        })
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(map_propose_error(e)));
+                    }
+                }
+            }
+            Request::TransferLeader { to } => self.replica.transfer_leader(to),
+        }
+    }
+
+    /// Hands a pending proposal to the leader: locally, or forwarded over the transport.
+    fn submit(&mut self, seq: u64) {
+        let leader = self.leader();
+        let Some(p) = self.pending.get_mut(&seq) else {
+            return;
+        };
+        if leader == self.id {
+            let data = prepare_payload::<SM>(&p.payload).unwrap_or_else(|| p.payload.clone());
+            match self.replica.propose(data) {
+                Ok(()) => p.proposed = true,
+                Err(ProposeError::NotLeader { .. }) | Err(ProposeError::Transferring) => {
+                    self.unproposed.push_back(seq)
+                }
+                Err(e) => {
+                    let p = self.pending.remove(&seq).expect("present");
+                    let _ = p.reply.send(Err(map_propose_error(e)));
+                }
+            }
+        } else if leader != NO_NODE {
+            let sent = self.transport.send(Frame {
+                group: self.group,
+                from: self.id,
+                to: leader,
+                kind: FrameKind::Forward,
+                payload: Bytes::from(p.payload.clone()),
+            });
+            if sent {
+                p.proposed = true;
+            } else {
+                self.unproposed.push_back(seq);
+            }
+        } else {
+            self.unproposed.push_back(seq);
+        }
+    }
+
+    fn on_frame(&mut self, f: Frame) {
+        debug_assert_eq!(f.to, self.id);
+        match f.kind {
+            FrameKind::Consensus => match R::decode_message(&f.payload) {
+                Ok(m) => self.replica.step(f.from, m),
+                Err(e) => tracing::warn!(
+                    node = self.id,
+                    from = f.from,
+                    "dropping undecodable consensus message: {e}"
+                ),
+            },
+            FrameKind::Forward => self.on_forward(f.from, &f.payload),
+            FrameKind::ForwardNack => match envelope::decode_nack(&f.payload) {
+                Ok((inc, seq, code)) if inc == self.incarnation => {
+                    if code == NackCode::NotLeader {
+                        if let Some(p) = self.pending.get_mut(&seq) {
+                            p.proposed = false;
+                            self.unproposed.push_back(seq);
+                        }
+                    } else if let Some(p) = self.pending.remove(&seq) {
+                        let err = match code {
+                            NackCode::Busy => NodeError::TooManyRequests,
+                            NackCode::TooLarge => NodeError::TooLarge {
+                                size: p.payload.len(),
+                                max: self.limits.max_request_bytes,
+                            },
+                            _ => NodeError::Rejected("leader could not decode the request".into()),
+                        };
+                        let _ = p.reply.send(Err(err));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(node = self.id, from = f.from, "bad nack: {e}"),
+            },
+            FrameKind::ReadIndexReq => match envelope::decode_u64s::<1>(&f.payload) {
+                Ok([ctx]) => {
+                    if self.reads_new.len() < self.limits.pending_reads_max {
+                        self.reads_new.push(ReadWaiter::Remote(f.from, ctx));
+                    }
+                }
+                Err(e) => tracing::warn!(node = self.id, from = f.from, "bad read request: {e}"),
+            },
+            FrameKind::ReadIndexResp => match envelope::decode_u64s::<2>(&f.payload) {
+                Ok([ctx, index]) => {
+                    if let Some((_, ws)) = self.reads_by_ctx.remove(&ctx) {
+                        for w in ws {
+                            if let ReadWaiter::Local(tx, _) = w {
+                                self.reads_by_index.entry(index).or_default().push(tx);
+                            }
+                        }
+                        self.release_reads();
+                    }
+                }
+                Err(e) => tracing::warn!(node = self.id, from = f.from, "bad read reply: {e}"),
+            },
+        }
+    }
+
+    fn on_forward(&mut self, from: NodeId, payload: &[u8]) {
+        let nack = |code| {
+            envelope::decode(payload)
+                .ok()
+                .map(|e| envelope::encode_nack(e.incarnation, e.seq, code))
+        };
+        let code = match envelope::decode(payload) {
+            Ok(e) if e.origin == from && e.kind == EnvelopeKind::Command => {
+                let data = prepare_payload::<SM>(payload).unwrap_or_else(|| payload.to_vec());
+                match self.replica.propose(data) {
+                    Ok(()) => return,
+                    Err(ProposeError::NotLeader { .. }) | Err(ProposeError::Transferring) => {
+                        NackCode::NotLeader
+                    }
+                    Err(ProposeError::TooLarge { .. }) => NackCode::TooLarge,
+                    Err(_) => NackCode::Busy,
+                }
+            }
+            _ => {
+                tracing::warn!(
+                    node = self.id,
+                    from,
+                    "dropping malformed forwarded proposal"
+                );
+                NackCode::Malformed
+            }
+        };
+        if let Some(n) = nack(code) {
+            self.transport.send(Frame {
+                group: self.group,
+                from: self.id,
+                to: from,
+                kind: FrameKind::ForwardNack,
+                payload: Bytes::from(n),
+            });
+        }
+    }
+
+    /// Issues one read_index for every read gathered this round (reads share a barrier).
+    fn flush_reads(&mut self) {
+        if self.reads_new.is_empty() {
+            return;
+        }
+        let leader = self.leader();
+        if leader == self.id {
+            let ctx = self.next_read_ctx;
+            self.next_read_ctx += 1;
+            match self.replica.read_index(ctx.to_le_bytes().to_vec()) {
+                Ok(()) => {
+                    let ws = std::mem::take(&mut self.reads_new);
+                    let d = self.deadline();
+                    self.reads_by_ctx.insert(ctx, (d, ws));
+                }
+                Err(ProposeError::NotLeader { .. }) | Err(ProposeError::Transferring) => {}
+                Err(e) => {
+                    let err = map_propose_error(e);
+                    for w in std::mem::take(&mut self.reads_new) {
+                        if let ReadWaiter::Local(tx, _) = w {
+                            let _ = tx.send(Err(err.clone()));
+                            self.reads_waiting -= 1;
+                        }
+                    }
+                }
+            }
+        } else if leader != NO_NODE {
+            // Remote waiters were addressed to us as leader; we no longer are: they time
+            // out at their origin and retry.
+            let locals: Vec<ReadWaiter> = std::mem::take(&mut self.reads_new)
+                .into_iter()
+                .filter(|w| matches!(w, ReadWaiter::Local(..)))
+                .collect();
+            if locals.is_empty() {
+                return;
+            }
+            let ctx = self.next_read_ctx;
+            self.next_read_ctx += 1;
+            let sent = self.transport.send(Frame {
+                group: self.group,
+                from: self.id,
+                to: leader,
+                kind: FrameKind::ReadIndexReq,
+                payload: Bytes::from(envelope::encode_u64s(&[ctx])),
+            });
+            if sent {
+                let d = self.deadline();
+                self.reads_by_ctx.insert(ctx, (d, locals));
+            } else {
+                self.reads_new = locals;
+            }
+        }
+    }
+
+    fn release_reads(&mut self) {
+        while let Some(entry) = self.reads_by_index.first_entry() {
+            if *entry.key() > self.applied {
+                break;
+            }
+            let index = *entry.key();
+            for tx in entry.remove() {
+                let _ = tx.send(Ok(index));
+                self.reads_waiting -= 1;
+            }
+        }
+    }
+
+    fn handle_ready(&mut self) -> Result<(), String> {
+        let rd: Ready<R::Message> = self.replica.ready();
+        self.metrics.readies_total.fetch_add(1, Ordering::Relaxed);
+        // 1. Persist.
+        if let Some(snap) = &rd.snapshot {
+            self.store
+                .install_snapshot(snap)
+                .map_err(|e| format!("installing snapshot: {e}"))?;
+            let (members, data) = unwrap_snapshot(&snap.data)?;
+            self.sm
+                .lock()
+                .expect("sm lock")
+                .restore(data)
+                .map_err(|e| format!("restoring snapshot {}: {e}", snap.meta.index))?;
+            if !members.is_empty() {
+                self.set_members(members);
+            }
+            self.applied = snap.meta.index;
+            self.applied_term = snap.meta.term;
+            self.snapshot_index = snap.meta.index;
+        }
+        if !rd.entries.is_empty() {
+            self.store
+                .append(&rd.entries)
+                .map_err(|e| format!("appending entries: {e}"))?;
+            self.metrics
+                .entries_persisted_total
+                .fetch_add(rd.entries.len() as u64, Ordering::Relaxed);
+        }
+        if let Some(hs) = rd.hard_state {
+            self.store
+                .set_hard_state(hs)
+                .map_err(|e| format!("saving hard state: {e}"))?;
+        }
+        if rd.must_sync {
+            let t = Instant::now();
+            self.store.sync().map_err(|e| format!("fsync: {e}"))?;
+            self.metrics.syncs_total.fetch_add(1, Ordering::Relaxed);
+            self.metrics.sync_latency.observe(t.elapsed());
+        }
+        // 2. Send, now that everything they depend on is durable.
+        for out in rd.messages {
+            self.transport.send(Frame {
+                group: self.group,
+                from: self.id,
+                to: out.to,
+                kind: FrameKind::Consensus,
+                payload: Bytes::from(R::encode_message(&out.msg)),
+            });
+        }
+        // 3. Apply.
+        for e in rd.committed {
+            if e.index <= self.applied {
+                continue; // Covered by a snapshot restored above.
+            }
+            assert_eq!(
+                e.index,
+                self.applied + 1,
+                "committed entries apply in order without gaps"
+            );
+            self.apply_entry(e.index, e.term, e.kind, &e.data);
+        }
+        for rs in rd.read_states {
+            let Ok([ctx]) = envelope::decode_u64s::<1>(&rs.ctx) else {
+                continue;
+            };
+            if let Some((_, ws)) = self.reads_by_ctx.remove(&ctx) {
+                for w in ws {
+                    match w {
+                        ReadWaiter::Local(tx, _) => {
+                            self.reads_by_index.entry(rs.index).or_default().push(tx)
+                        }
+                        ReadWaiter::Remote(node, rctx) => {
+                            self.transport.send(Frame {
+                                group: self.group,
+                                from: self.id,
+                                to: node,
+                                kind: FrameKind::ReadIndexResp,
+                                payload: Bytes::from(envelope::encode_u64s(&[rctx, rs.index])),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        self.release_reads();
+        // 4. Advance.
+        self.replica.advance();
+        self.maybe_snapshot()?;
+        Ok(())
+    }
+
+    fn apply_entry(&mut self, index: u64, term: u64, kind: EntryKind, data: &[u8]) {
+        self.applied = index;
+        self.applied_term = term;
+        match kind {
+            EntryKind::Normal if !data.is_empty() => match envelope::decode(data) {
+                Ok(env) if env.kind == EnvelopeKind::Command => {
+                    let resp = self.sm.lock().expect("sm lock").apply(index, env.body);
+                    if env.origin == self.id && env.incarnation == self.incarnation {
+                        if let Some(p) = self.pending.remove(&env.seq) {
+                            let _ = p.reply.send(Ok(resp));
+                        }
+                    }
+                    return;
+                }
+                Ok(env) => {
+                    debug_assert_eq!(env.kind, EnvelopeKind::Member);
+                    match serde_json::from_slice::<MemberInfo>(env.body) {
+                        Ok(m) => {
+                            let mut all = self.members.lock().expect("members").clone();
+                            all.insert(m.id, m);
+                            self.set_members(all);
+                        }
+                        Err(e) => tracing::warn!(node = self.id, index, "bad member entry: {e}"),
+                    }
+                }
+                Err(e) => {
+                    // Every replica skips the same committed bytes, so state stays identical.
+                    tracing::warn!(node = self.id, index, "skipping undecodable entry: {e}");
+                }
+            },
+            EntryKind::ConfChange => {
+                if let Ok(cc) = ConfChange::decode(data) {
+                    if let Some(pos) = self.conf_waiters.iter().position(|w| w.change == cc) {
+                        let w = self.conf_waiters.remove(pos);
+                        let _ = w.reply.send(Ok(()));
+                    }
+                    for item in &cc.changes {
+                        if let concord_consensus::ConfChangeItem::Remove(id) = item {
+                            if *id != self.id {
+                                self.members.lock().expect("members").remove(id);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.sm.lock().expect("sm lock").skip(index);
+    }
+
+    fn set_members(&mut self, members: BTreeMap<NodeId, MemberInfo>) {
+        for (id, m) in &members {
+            match crate::config::parse_addr("peer", &m.peer_addr) {
+                Ok(a) => self.transport.add_peer(*id, a),
+                Err(e) => tracing::warn!(node = self.id, member = id, "bad peer address: {e}"),
+            }
+        }
+        *self.members.lock().expect("members") = members;
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), String> {
+        if self.applied < self.snapshot_index + self.snapshot_every {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let sm_data = self.sm.lock().expect("sm lock").snapshot();
+        let data = wrap_snapshot(&self.members.lock().expect("members"), &sm_data);
+        let snap = Snapshot {
+            meta: SnapshotMeta {
+                index: self.applied,
+                term: self.applied_term,
+                conf: self.replica.status().conf,
+            },
+            data,
+        };
+        self.store
+            .install_snapshot(&snap)
+            .map_err(|e| format!("saving snapshot at {}: {e}", self.applied))?;
+        self.replica.compact(self.applied, snap.data);
+        self.snapshot_index = self.applied;
+        self.metrics.snapshots_total.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            node = self.id,
+            group = self.group,
+            index = self.applied,
+            "snapshot taken in {:?}",
+            t.elapsed()
+        );
+        Ok(())
+    }
+
+    fn fail_all(&mut self, err: NodeError) {
+        for (_, p) in self.pending.drain() {
+            let _ = p.reply.send(Err(err.clone()));
+        }
+        self.unproposed.clear();
+        for w in self.reads_new.drain(..) {
+            if let ReadWaiter::Local(tx, _) = w {
+                let _ = tx.send(Err(err.clone()));
+            }
+        }
+        for (_, (_, ws)) in self.reads_by_ctx.drain() {
+            for w in ws {
+                if let ReadWaiter::Local(tx, _) = w {
+                    let _ = tx.send(Err(err.clone()));
+                }
+            }
+        }
+        for (_, ws) in std::mem::take(&mut self.reads_by_index) {
+            for tx in ws {
+                let _ = tx.send(Err(err.clone()));
+            }
+        }
+        self.reads_waiting = 0;
+        for w in self.conf_waiters.drain(..) {
+            let _ = w.reply.send(Err(err.clone()));
+        }
+    }
+
+    fn publish_status(&mut self, stopped: bool) {
+        let s: Status = self.replica.status();
+        if s.leader != NO_NODE {
+            self.last_progress = Instant::now();
+        }
+        let mut st = self.status.lock().expect("status lock");
+        st.role = format!("{:?}", s.role);
+        if s.role == Role::Leader {
+            debug_assert_eq!(s.leader, self.id);
+        }
+        st.term = s.term;
+        st.leader = s.leader;
+        st.commit = s.commit;
+        st.applied = self.applied;
+        st.first_index = s.first_index;
+        st.last_index = s.last_index;
+        st.voters = s.conf.voters.clone();
+        st.learners = s.conf.learners.clone();
+        st.snapshot_index = self.snapshot_index;
+        st.pending_proposals = self.pending.len();
+        st.pending_reads = self.reads_waiting;
+        st.ms_since_progress = self.last_progress.elapsed().as_millis() as u64;
+        st.stopped = stopped;
+    }
+}
+
+fn map_propose_error(e: ProposeError) -> NodeError {
+    match e {
+        ProposeError::NotLeader { .. } => NodeError::NoLeader,
+        ProposeError::Busy => NodeError::TooManyRequests,
+        ProposeError::TooLarge { size, max } => NodeError::TooLarge { size, max },
+        ProposeError::Transferring => NodeError::NoLeader,
+        ProposeError::ConfChangeRejected(why) => NodeError::Rejected(why.to_string()),
+    }
+}
