@@ -20,11 +20,14 @@
 //!   made between two `Ready`s share one append message per follower.
 
 mod conf;
+mod follower;
 mod log;
 pub mod msg;
 mod progress;
 mod quorum;
 mod read_only;
+mod reads;
+mod replication;
 
 use crate::{
     ConfChange, ConfChangeItem, ConfState, Config, ConfigError, DecodeError, Entry, EntryKind,
@@ -55,7 +58,8 @@ pub const KNOWN_BUGS: &[&str] = &[
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bug {
-    /// Counts replicas of entries from earlier terms toward commit (breaks Figure 8).
+    /// Counts replicas of entries from earlier terms toward commit (breaks Figure 8), and,
+    /// like implementations that make this mistake, sees no need for a no-op on election.
     CommitOldTerm,
     /// Grants a vote without putting it in `Ready::hard_state`: a crash forgets it and the
     /// node can vote twice in one term.
@@ -136,6 +140,8 @@ pub struct Raft {
     term_start_index: u64,
     lead_transferee: NodeId,
     transfer_elapsed: u32,
+    /// This candidacy was started by TimeoutNow (its vote requests say so).
+    campaign_transfer: bool,
     reads: ReadOnly,
     /// Follower: reads forwarded to the leader and not yet answered.
     forwarded_reads: usize,
@@ -218,6 +224,7 @@ impl Raft {
         self.progress.clear();
         self.lead_transferee = NO_NODE;
         self.transfer_elapsed = 0;
+        self.campaign_transfer = false;
         self.reads.clear();
         self.forwarded_reads = 0;
         self.replicate_dirty = false;
@@ -250,19 +257,7 @@ impl Raft {
             self.become_candidate(false);
             return;
         }
-        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        for to in self.voters_except_self() {
-            self.msgs.push(Outgoing {
-                to,
-                msg: Message {
-                    term: self.term + 1,
-                    body: Body::PreVote {
-                        last_index,
-                        last_term,
-                    },
-                },
-            });
-        }
+        self.send_vote_requests();
     }
 
     fn become_candidate(&mut self, transfer: bool) {
@@ -277,17 +272,8 @@ impl Raft {
             self.become_leader();
             return;
         }
-        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        for to in self.voters_except_self() {
-            self.send(
-                to,
-                Body::Vote {
-                    last_index,
-                    last_term,
-                    transfer,
-                },
-            );
-        }
+        self.campaign_transfer = transfer;
+        self.send_vote_requests();
     }
 
     fn become_leader(&mut self) {
@@ -330,7 +316,7 @@ impl Raft {
                 )
                 .collect();
             self.append_entry(EntryKind::ConfChange, ConfChange { changes }.encode());
-        } else {
+        } else if !self.bug(Bug::CommitOldTerm) {
             self.append_entry(EntryKind::Noop, Vec::new());
         }
         self.term_start_index = self.log.last_index();
@@ -338,18 +324,53 @@ impl Raft {
         self.replicate_dirty = true;
     }
 
-    fn voters_except_self(&self) -> Vec<NodeId> {
-        let c = self.conf_state();
-        let mut v: Vec<NodeId> = c
-            .voters
-            .iter()
-            .chain(&c.voters_outgoing)
-            .copied()
+    /// Who receives our (pre-)vote requests: every other node of the configuration,
+    /// learners included. Only voters' answers count, but a node we list as a learner may
+    /// in fact have been promoted (our configuration can be stale); if it never heard of our
+    /// campaigns it could keep campaigning in terms we already used and never win
+    /// (observed in simulation with a stale voter and a lagging configuration).
+    fn campaign_targets(&self) -> Vec<NodeId> {
+        self.conf_state()
+            .all_nodes()
+            .into_iter()
             .filter(|&id| id != self.id)
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+            .collect()
+    }
+
+    /// Sends (pre-)vote requests to every campaign target that has not answered yet.
+    /// Called when the campaign starts and again every heartbeat interval while it lasts:
+    /// requests are idempotent and retried like any Raft RPC, so a lost request or a voter
+    /// that was down does not cost a whole election timeout.
+    fn send_vote_requests(&mut self) {
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        let transfer = self.campaign_transfer;
+        for to in self.campaign_targets() {
+            if self.votes.contains_key(&to) {
+                continue;
+            }
+            let (term, body) = match self.role {
+                StateRole::PreCandidate => (
+                    self.term + 1,
+                    Body::PreVote {
+                        last_index,
+                        last_term,
+                    },
+                ),
+                StateRole::Candidate => (
+                    self.term,
+                    Body::Vote {
+                        last_index,
+                        last_term,
+                        transfer,
+                    },
+                ),
+                _ => return,
+            };
+            self.msgs.push(Outgoing {
+                to,
+                msg: Message { term, body },
+            });
+        }
     }
 
     fn poll(&self) -> VoteResult {
@@ -437,271 +458,8 @@ impl Raft {
         self.commit = index;
     }
 
-    /// Leader: advances commit to what a (joint) majority holds durably, counting only
-    /// entries of the current term (thesis §3.6.2, Figure 3.7).
-    fn maybe_commit(&mut self) -> bool {
-        if self.role != StateRole::Leader {
-            return false;
-        }
-        let own = self.log.stable();
-        let mci = {
-            let progress = &self.progress;
-            let id = self.id;
-            quorum::joint_value(self.conf_state(), |v| {
-                if v == id {
-                    own
-                } else {
-                    progress.get(&v).map_or(0, |p| p.matched)
-                }
-            })
-        };
-        if mci == u64::MAX || mci <= self.commit {
-            return false;
-        }
-        if self.log.term(mci) != Some(self.term) && !self.bug(Bug::CommitOldTerm) {
-            return false;
-        }
-        let old = self.commit;
-        self.commit_to(mci);
-        // Release the uncommitted-bytes budget of this term's newly committed entries.
-        for i in (old + 1).max(self.term_start_index + 1)..=self.commit {
-            if let Some(e) = self.log.entry(i) {
-                self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(e.data.len());
-            }
-        }
-        self.commit_dirty = true;
-        self.replicate_dirty = true;
-        self.after_commit_leader();
-        true
-    }
-
-    fn after_commit_leader(&mut self) {
-        // Thesis §4.3: once C_old,new commits the leader moves on to C_new by itself.
-        if self.conf_state().is_joint() && self.commit >= self.pending_conf_index {
-            self.append_entry(
-                EntryKind::ConfChange,
-                ConfChange { changes: vec![] }.encode(),
-            );
-        }
-        self.resolve_reads();
-        // Thesis §4.2.2: a leader that is not part of the new configuration steps down
-        // once the entry that removed it has committed.
-        if !self.promotable() && self.commit >= self.pending_conf_index {
-            let term = self.term;
-            self.become_follower(term, NO_NODE);
-        }
-    }
-
-    // ----- sending -----------------------------------------------------------------------
-
-    /// Sends one append (or starts a snapshot) to `to` if its progress allows.
-    /// Returns true if something was sent.
-    fn send_append(&mut self, to: NodeId, allow_empty: bool) -> bool {
-        let Some(pr) = self.progress.get(&to) else {
-            return false;
-        };
-        if !pr.can_send() {
-            return false;
-        }
-        let prev_index = pr.next - 1;
-        let Some(prev_term) = self.log.term(prev_index) else {
-            return self.start_snapshot(to);
-        };
-        let entries = self.log.slice(
-            pr.next,
-            self.log.last_index(),
-            self.cfg.max_batch_entries,
-            self.cfg.max_batch_bytes,
-        );
-        if entries.is_empty() && !allow_empty {
-            return false;
-        }
-        let last = entries.last().map(|e| e.index);
-        let commit = self.commit;
-        let pr = self.progress.get_mut(&to).expect("checked above");
-        match pr.state {
-            ProgressState::Replicate => {
-                if let Some(last) = last {
-                    pr.next = last + 1;
-                    pr.inflights.add(last, self.ticks);
-                }
-            }
-            ProgressState::Probe => {
-                pr.paused = true;
-                pr.sent_tick = self.ticks;
-            }
-            ProgressState::Snapshot => unreachable!("can_send is false while snapshotting"),
-        }
-        self.send(
-            to,
-            Body::Append {
-                prev_index,
-                prev_term,
-                entries,
-                commit,
-            },
-        );
-        true
-    }
-
-    fn start_snapshot(&mut self, to: NodeId) -> bool {
-        let Some(snap) = self.snapshot.clone() else {
-            return false; // Nothing to send yet; cannot happen once compaction ran.
-        };
-        if let Some(pr) = self.progress.get_mut(&to) {
-            pr.become_snapshot(snap);
-        }
-        self.send_snapshot_chunk(to);
-        true
-    }
-
-    fn send_snapshot_chunk(&mut self, to: NodeId) {
-        let Some(pr) = self.progress.get_mut(&to) else {
-            return;
-        };
-        let Some(snap) = pr.snapshot.clone() else {
-            return;
-        };
-        pr.sent_tick = self.ticks;
-        let len = snap.data.len() as u64;
-        let offset = pr.snapshot_offset.min(len);
-        let end = (offset + self.cfg.snapshot_chunk_bytes as u64).min(len);
-        let body = Body::Snapshot {
-            meta: snap.meta.clone(),
-            offset,
-            data: snap.data[offset as usize..end as usize].to_vec(),
-            done: end == len,
-        };
-        self.send(to, body);
-    }
-
-    /// Sends whatever each follower's window allows. Called when a `Ready` is built, so
-    /// proposals made since the last one are batched into as few messages as possible.
-    fn flush_replication(&mut self) {
-        if !self.replicate_dirty {
-            return;
-        }
-        self.replicate_dirty = false;
-        let commit_dirty = std::mem::take(&mut self.commit_dirty);
-        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
-        for to in peers {
-            let mut sent = false;
-            // Bounded: each send either fills one inflight slot or pauses a probe.
-            for _ in 0..=self.cfg.max_inflight_msgs {
-                if !self.send_append(to, false) {
-                    break;
-                }
-                sent = true;
-            }
-            let replicate = self
-                .progress
-                .get(&to)
-                .is_some_and(|p| p.state == ProgressState::Replicate);
-            let idle = self
-                .progress
-                .get(&to)
-                .is_some_and(|p| p.inflights.is_empty());
-            // Only when nothing is in flight: an empty append racing ahead of in-flight
-            // entries would be rejected and knock the follower back to probing.
-            if commit_dirty && !sent && replicate && idle {
-                // Nothing new to send, but the follower should learn the commit index.
-                self.send_append(to, true);
-            }
-        }
-    }
-
-    fn broadcast_heartbeat(&mut self, read_seq: u64) {
-        let peers: Vec<(NodeId, u64)> = self
-            .progress
-            .iter()
-            .map(|(&id, p)| (id, p.matched))
-            .collect();
-        for (to, matched) in peers {
-            let commit = self.commit.min(matched);
-            let sent_tick = self.ticks;
-            self.send(
-                to,
-                Body::Heartbeat {
-                    commit,
-                    read_seq,
-                    sent_tick,
-                },
-            );
-        }
-    }
-
-    // ----- reads -------------------------------------------------------------------------
-
-    fn committed_in_term(&self) -> bool {
-        self.log.term(self.commit) == Some(self.term)
-    }
-
-    /// The lease (thesis §6.4.1): followers that acknowledged a heartbeat sent at leader
-    /// tick `t` will not vote for anyone else before their election timeout elapses, so no
-    /// other leader can exist before `t + election_ticks`. We stop one tick short to
-    /// absorb the phase difference between the leader's and the followers' ticks.
-    fn lease_valid(&self) -> bool {
-        if self.bug(Bug::LeaseWithoutCheckQuorum) {
-            return true;
-        }
-        if self.cfg.read_mode != ReadMode::Lease || !self.cfg.check_quorum {
-            return false;
-        }
-        let (id, ticks, progress) = (self.id, self.ticks, &self.progress);
-        let start = quorum::joint_value(self.conf_state(), |v| {
-            if v == id {
-                ticks
-            } else {
-                progress.get(&v).map_or(0, |p| p.hb_acked_tick)
-            }
-        });
-        start > 0 && ticks.saturating_sub(start) < u64::from(self.e() - 1)
-    }
-
-    fn lease_read_ok(&self) -> bool {
-        (self.cfg.read_mode == ReadMode::Lease || self.bug(Bug::LeaseWithoutCheckQuorum))
-            && self.committed_in_term()
-            && self.lease_valid()
-    }
-
-    fn answer_read(&mut self, from: NodeId, ctx: Vec<u8>) {
-        let index = self.commit;
-        if from == self.id {
-            self.read_states.push(ReadState { index, ctx });
-        } else {
-            self.send(from, Body::ReadIndexResp { index, ctx });
-        }
-    }
-
-    /// Answers every read a quorum has confirmed, once we have committed in our term.
-    fn resolve_reads(&mut self) {
-        if self.role != StateRole::Leader || !self.committed_in_term() {
-            return;
-        }
-        let (id, progress) = (self.id, &self.progress);
-        let acked = quorum::joint_value(self.conf_state(), |v| {
-            if v == id {
-                u64::MAX
-            } else {
-                progress.get(&v).map_or(0, |p| p.read_seq_acked)
-            }
-        });
-        for r in self.reads.confirm(acked) {
-            self.answer_read(r.from, r.ctx);
-        }
-    }
-
-    fn leader_read(&mut self, from: NodeId, ctx: Vec<u8>) -> Result<(), ProposeError> {
-        if self.lease_read_ok() {
-            self.answer_read(from, ctx);
-            return Ok(());
-        }
-        if self.reads.push(ctx, from).is_none() {
-            return Err(ProposeError::Busy);
-        }
-        self.resolve_reads(); // A single-voter group confirms immediately.
-        Ok(())
-    }
+    // Leader-side replication lives in replication.rs, follower-side in follower.rs and
+    // reads in reads.rs.
 
     // ----- step --------------------------------------------------------------------------
 
@@ -777,6 +535,10 @@ impl Raft {
                     );
                 }
                 Body::PreVote { .. } => self.send(from, Body::PreVoteResp { reject: true }),
+                // Figure 3.1: the reply carries our term so a stale candidate catches up. It
+                // may hear of newer terms from nobody else (e.g. we are the only other
+                // voter in its configuration while ours no longer lists it).
+                Body::Vote { .. } => self.send(from, Body::VoteResp { reject: true }),
                 _ => {}
             }
             return;
@@ -924,211 +686,6 @@ impl Raft {
         }
     }
 
-    fn handle_append(
-        &mut self,
-        from: NodeId,
-        mut prev_index: u64,
-        mut prev_term: u64,
-        mut entries: Vec<Entry>,
-        leader_commit: u64,
-    ) {
-        // Reject malformed batches outright: indices must follow prev_index and terms may
-        // not exceed the leader's term or go backwards.
-        if prev_index.checked_add(entries.len() as u64 + 1).is_none() {
-            return; // Indices this large cannot come from a real log.
-        }
-        let mut t = prev_term;
-        for (e, expect) in entries.iter().zip(prev_index + 1..) {
-            if e.index != expect || e.term < t || e.term > self.term {
-                return;
-            }
-            t = e.term;
-        }
-        if prev_index < self.commit {
-            // Everything up to our commit index already matches the leader (Leader
-            // Completeness); skip that prefix.
-            entries.retain(|e| e.index > self.commit);
-            prev_index = self.commit;
-            prev_term = self
-                .log
-                .term(self.commit)
-                .expect("commit is in the log or snapshot");
-            if let Some(first) = entries.first() {
-                if first.index != prev_index + 1 {
-                    return;
-                }
-            }
-        }
-        match self.log.term(prev_index) {
-            None => {
-                let hint_index = self.log.last_index() + 1;
-                self.send(
-                    from,
-                    Body::AppendResp {
-                        index: prev_index,
-                        reject: true,
-                        hint_index,
-                        hint_term: 0,
-                    },
-                );
-                return;
-            }
-            Some(t) if t != prev_term => {
-                let hint_index = self.log.first_index_of_term_at(prev_index);
-                self.send(
-                    from,
-                    Body::AppendResp {
-                        index: prev_index,
-                        reject: true,
-                        hint_index,
-                        hint_term: t,
-                    },
-                );
-                return;
-            }
-            Some(_) => {}
-        }
-        // Find the first entry we do not already hold.
-        let mut start = entries.len();
-        for (i, e) in entries.iter().enumerate() {
-            match self.log.term(e.index) {
-                Some(t) if t == e.term => continue,
-                Some(_) => {
-                    if e.index <= self.commit {
-                        // A correct leader never contradicts a committed entry; ignore
-                        // the message rather than lose committed data.
-                        return;
-                    }
-                    self.truncate_from(e.index);
-                    start = i;
-                    break;
-                }
-                None => {
-                    start = i;
-                    break;
-                }
-            }
-        }
-        let last_new = prev_index + entries.len() as u64;
-        for e in entries.into_iter().skip(start) {
-            self.on_appended(&e);
-            self.log.append(e);
-        }
-        self.commit_to(leader_commit.min(last_new));
-        self.send(
-            from,
-            Body::AppendResp {
-                index: last_new,
-                reject: false,
-                hint_index: 0,
-                hint_term: 0,
-            },
-        );
-    }
-
-    fn handle_snapshot_chunk(
-        &mut self,
-        from: NodeId,
-        meta: SnapshotMeta,
-        offset: u64,
-        data: Vec<u8>,
-        done: bool,
-    ) {
-        if meta.index <= self.commit {
-            // We already have all of it: tell the leader where we are.
-            self.incoming = None;
-            let index = self.commit;
-            self.send(
-                from,
-                Body::AppendResp {
-                    index,
-                    reject: false,
-                    hint_index: 0,
-                    hint_term: 0,
-                },
-            );
-            return;
-        }
-        if meta.index == 0 || meta.term > self.term || meta.conf.voters.is_empty() {
-            return; // Not a snapshot any leader could have produced.
-        }
-        let term = self.term;
-        let matches = self
-            .incoming
-            .as_ref()
-            .is_some_and(|s| s.term == term && s.meta == meta && s.data.len() as u64 == offset);
-        if offset == 0 {
-            self.incoming = Some(IncomingSnapshot {
-                term,
-                meta: meta.clone(),
-                data: Vec::new(),
-            });
-        } else if !matches {
-            let next_offset = self
-                .incoming
-                .as_ref()
-                .filter(|s| s.term == term && s.meta == meta)
-                .map_or(0, |s| s.data.len() as u64);
-            self.send(
-                from,
-                Body::SnapshotResp {
-                    index: meta.index,
-                    next_offset,
-                },
-            );
-            return;
-        }
-        let inc = self.incoming.as_mut().expect("set above");
-        if inc.data.len() + data.len() > MAX_SNAPSHOT_BYTES {
-            self.incoming = None;
-            return;
-        }
-        inc.data.extend_from_slice(&data);
-        if !done {
-            let next_offset = inc.data.len() as u64;
-            self.send(
-                from,
-                Body::SnapshotResp {
-                    index: meta.index,
-                    next_offset,
-                },
-            );
-            return;
-        }
-        let inc = self.incoming.take().expect("set above");
-        self.restore(Snapshot {
-            meta: inc.meta,
-            data: inc.data,
-        });
-        let index = self.commit;
-        self.send(
-            from,
-            Body::AppendResp {
-                index,
-                reject: false,
-                hint_index: 0,
-                hint_term: 0,
-            },
-        );
-    }
-
-    /// Installs a snapshot received from the leader (thesis §5.3).
-    fn restore(&mut self, snap: Snapshot) {
-        let meta = &snap.meta;
-        assert!(meta.index > self.commit);
-        if self.log.term(meta.index) == Some(meta.term) {
-            // Our log already holds the snapshot's last entry: keep the log, just commit.
-            self.commit_to(meta.index);
-            return;
-        }
-        self.log.restore(meta.index, meta.term);
-        self.conf.reset(meta.conf.clone());
-        self.commit = meta.index;
-        self.applying = self.applying.max(meta.index);
-        self.snapshot = Some(Arc::new(snap.clone()));
-        self.pending_snapshot = Some(snap);
-    }
-
     fn step_leader(&mut self, from: NodeId, body: Body) {
         match body {
             Body::AppendResp {
@@ -1165,136 +722,6 @@ impl Raft {
             }
             _ => {}
         }
-    }
-
-    fn handle_append_resp(
-        &mut self,
-        from: NodeId,
-        index: u64,
-        reject: bool,
-        hint_index: u64,
-        hint_term: u64,
-    ) {
-        let last = self.log.last_index();
-        let Some(pr) = self.progress.get(&from) else {
-            return;
-        };
-        let (state, matched, next) = (pr.state, pr.matched, pr.next);
-        if index > last {
-            return; // Acknowledges something we never sent: invalid.
-        }
-        self.progress.get_mut(&from).expect("present").recent_active = true;
-        if reject {
-            // A rejection of something at or below the match point is a stale or
-            // duplicated answer (the follower already acknowledged that prefix).
-            let stale = index <= matched
-                || match state {
-                    ProgressState::Probe => index + 1 != next,
-                    ProgressState::Replicate => false,
-                    ProgressState::Snapshot => true,
-                };
-            if stale || index == 0 {
-                return;
-            }
-            // Fast back-tracking (thesis §5.3 note): skip the follower's whole
-            // conflicting term, or jump to its end if its log is short.
-            let mut new_next = hint_index;
-            if hint_term != 0 {
-                let mut j = index.min(last);
-                while j > self.log.snapshot_index()
-                    && self.log.term(j).is_some_and(|t| t > hint_term)
-                {
-                    j -= 1;
-                }
-                if self.log.term(j) == Some(hint_term) {
-                    new_next = j + 1;
-                }
-            }
-            let new_next = new_next.clamp(matched + 1, index);
-            self.progress
-                .get_mut(&from)
-                .expect("present")
-                .become_probe(new_next);
-            self.replicate_dirty = true;
-            return;
-        }
-        let pr = self.progress.get_mut(&from).expect("present");
-        if pr.maybe_update(index) {
-            match pr.state {
-                ProgressState::Probe => pr.become_replicate(),
-                ProgressState::Replicate => pr.inflights.free_to(index),
-                ProgressState::Snapshot => {
-                    let next = pr.matched + 1;
-                    pr.become_probe(next);
-                }
-            }
-            self.maybe_commit();
-            let caught_up = self
-                .progress
-                .get(&from)
-                .is_some_and(|p| p.matched == self.log.last_index());
-            if self.lead_transferee == from && caught_up {
-                self.send(from, Body::TimeoutNow);
-            }
-        } else {
-            match pr.state {
-                ProgressState::Probe => pr.paused = false,
-                ProgressState::Snapshot => {
-                    let next = pr.matched + 1;
-                    pr.become_probe(next);
-                }
-                ProgressState::Replicate => {}
-            }
-        }
-        self.replicate_dirty = true;
-    }
-
-    fn handle_heartbeat_resp(&mut self, from: NodeId, read_seq: u64, sent_tick: u64) {
-        let last = self.log.last_index();
-        let ticks = self.ticks;
-        let Some(pr) = self.progress.get_mut(&from) else {
-            return;
-        };
-        pr.recent_active = true;
-        if sent_tick <= ticks {
-            pr.hb_acked_tick = pr.hb_acked_tick.max(sent_tick);
-        }
-        pr.read_seq_acked = pr.read_seq_acked.max(read_seq);
-        let behind = pr.matched < last;
-        match pr.state {
-            // Probe and Snapshot retransmit only when this heartbeat was sent after our last
-            // probe or chunk: on an ordered link its answer would have arrived first, so it
-            // was lost. Retransmitting on every answer (reads add heartbeat rounds) would
-            // multiply duplicate probes and chunk streams.
-            ProgressState::Probe => {
-                if pr.sent_tick < sent_tick {
-                    pr.paused = false;
-                    if behind {
-                        self.send_append(from, true);
-                    }
-                }
-            }
-            ProgressState::Replicate => {
-                // The follower answered a heartbeat sent after our oldest unacknowledged
-                // append; on an ordered link that append's answer would have come first, so
-                // it was probably lost. Free a slot and send an append from `next`: if the
-                // follower misses entries it rejects it and we fall back to probing.
-                let stalled = !matches!(pr.inflights.oldest_tick(), Some(t) if t >= sent_tick);
-                if behind && stalled {
-                    if pr.inflights.full() {
-                        pr.inflights.free_first();
-                    }
-                    self.send_append(from, true);
-                }
-                self.replicate_dirty = true;
-            }
-            ProgressState::Snapshot => {
-                if pr.sent_tick < sent_tick {
-                    self.send_snapshot_chunk(from);
-                }
-            }
-        }
-        self.resolve_reads();
     }
 
     fn tick_leader(&mut self) {
@@ -1340,6 +767,10 @@ impl Raft {
         }
         if self.election_elapsed >= self.randomized_timeout && self.promotable() {
             self.campaign();
+        } else if matches!(self.role, StateRole::PreCandidate | StateRole::Candidate)
+            && self.election_elapsed.checked_rem(self.cfg.heartbeat_ticks) == Some(0)
+        {
+            self.send_vote_requests();
         }
     }
 
@@ -1371,7 +802,7 @@ impl Raft {
         if self.role == StateRole::Leader {
             assert_eq!(self.leader, self.id);
             assert!(
-                self.log.last_term() == self.term,
+                self.log.last_term() == self.term || self.bug(Bug::CommitOldTerm),
                 "leader's last entry is of its term"
             );
         }
@@ -1398,12 +829,15 @@ impl Replica for Raft {
         };
         let log = RaftLog::new(snap_index, snap_term, recovered.entries.clone())
             .map_err(|r| bad("recovered.entries", r))?;
-        let hs = recovered.hard_state;
+        let mut hs = recovered.hard_state;
         if hs.term < log.last_term() {
-            return Err(bad(
-                "recovered.hard_state",
-                "term is older than the log's last term",
-            ));
+            // The entries and the hard state of one Ready were written together, and a
+            // crash before the fsync kept the entries but not the hard state. We learned
+            // that term from its leader without voting in it (a vote is always made durable
+            // before its answer leaves, in an earlier Ready), so adopting the term with no
+            // vote is exactly the state we were in.
+            hs.term = log.last_term();
+            hs.vote = NO_NODE;
         }
         // `commit` may have been persisted lazily (behind) but never ahead of the log;
         // entries already applied are committed by definition.
@@ -1436,6 +870,7 @@ impl Replica for Raft {
             term_start_index: 0,
             lead_transferee: NO_NODE,
             transfer_elapsed: 0,
+            campaign_transfer: false,
             reads: ReadOnly::new(config.max_pending_reads),
             forwarded_reads: 0,
             snapshot: recovered.snapshot.clone().map(Arc::new),
@@ -1443,7 +878,8 @@ impl Replica for Raft {
             pending_snapshot: None,
             msgs: Vec::new(),
             read_states: Vec::new(),
-            prev_hs: hs,
+            // What is on disk; an adjusted hard state is written with the first Ready.
+            prev_hs: recovered.hard_state,
             applied,
             applying: applied,
             ready_outstanding: false,

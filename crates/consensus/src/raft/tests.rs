@@ -319,3 +319,201 @@ fn restart_redelivers_committed_after_applied() {
         "recovered.entries"
     );
 }
+
+fn conf_entry(index: u64, term: u64, changes: Vec<ConfChangeItem>) -> Entry {
+    Entry {
+        index,
+        term,
+        kind: EntryKind::ConfChange,
+        data: ConfChange { changes }.encode(),
+    }
+}
+
+#[test]
+fn restart_recomputes_configuration_from_snapshot_and_log() {
+    // Snapshot at 5 with voters 1..3; then AddVoter(4) at 6 and a joint swap at 7.
+    let snap = Snapshot {
+        meta: SnapshotMeta {
+            index: 5,
+            term: 2,
+            conf: ConfState::new([1, 2, 3]),
+        },
+        data: vec![],
+    };
+    let entries = vec![
+        conf_entry(6, 2, vec![ConfChangeItem::AddVoter(4)]),
+        conf_entry(
+            7,
+            2,
+            vec![ConfChangeItem::Remove(1), ConfChangeItem::Remove(2)],
+        ),
+    ];
+    let rec = Recovered {
+        hard_state: HardState {
+            term: 2,
+            vote: 0,
+            commit: 6,
+        },
+        snapshot: Some(snap),
+        entries,
+        applied: 5,
+    };
+    // `initial` is ignored: the snapshot carries the configuration.
+    let r = Raft::create(cfg(3), ConfState::new([9]), rec).unwrap();
+    let c = r.status().conf;
+    assert_eq!(c.voters, vec![3, 4]);
+    assert_eq!(c.voters_outgoing, vec![1, 2, 3, 4]);
+    assert_eq!(r.status().first_index, 6);
+}
+
+#[test]
+fn recovered_hard_state_older_than_log_adopts_the_log_term() {
+    // A crash kept a Ready's entries but not its hard state.
+    let rec = Recovered {
+        hard_state: HardState {
+            term: 1,
+            vote: 2,
+            commit: 0,
+        },
+        entries: vec![Entry {
+            index: 1,
+            term: 3,
+            kind: EntryKind::Noop,
+            data: vec![],
+        }],
+        ..Recovered::default()
+    };
+    let mut r = Raft::create(cfg(1), ConfState::new([1, 2]), rec).unwrap();
+    assert_eq!(r.status().term, 3);
+    // The adopted term is persisted with the first Ready.
+    assert_eq!(
+        r.ready().hard_state,
+        Some(HardState {
+            term: 3,
+            vote: 0,
+            commit: 0
+        })
+    );
+}
+
+#[test]
+fn vote_is_in_the_same_ready_as_its_response() {
+    let mut r = Raft::create(cfg(2), ConfState::new([1, 2, 3]), Recovered::default()).unwrap();
+    r.step(
+        1,
+        Message {
+            term: 1,
+            body: Body::Vote {
+                last_index: 0,
+                last_term: 0,
+                transfer: false,
+            },
+        },
+    );
+    let rd = r.ready();
+    assert_eq!(
+        rd.hard_state,
+        Some(HardState {
+            term: 1,
+            vote: 1,
+            commit: 0
+        })
+    );
+    assert!(rd.must_sync);
+    assert!(matches!(
+        rd.messages[0].msg.body,
+        Body::VoteResp { reject: false }
+    ));
+    r.advance();
+    // The planted bug hides the vote from the hard state.
+    let mut c = cfg(2);
+    c.inject_bug = Some("vote_without_persist".into());
+    let mut r = Raft::create(c, ConfState::new([1, 2, 3]), Recovered::default()).unwrap();
+    r.step(
+        1,
+        Message {
+            term: 1,
+            body: Body::Vote {
+                last_index: 0,
+                last_term: 0,
+                transfer: false,
+            },
+        },
+    );
+    assert_eq!(r.ready().hard_state.map(|h| h.vote), Some(0));
+}
+
+#[test]
+fn leader_counts_own_entries_only_after_advance() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.node(1).tick();
+    net.stabilize();
+    net.node(1).propose(b"x".to_vec()).unwrap();
+    let rd = net.node(1).ready();
+    let index = rd.entries[0].index;
+    // Only node 2 takes part: the quorum must include the leader's own copy.
+    let to2 = rd
+        .messages
+        .into_iter()
+        .find(|m| m.to == 2)
+        .expect("append to 2");
+    net.node(2).step(1, to2.msg);
+    let rd2 = net.node(2).ready();
+    net.node(2).advance();
+    for m in rd2.messages {
+        net.node(1).step(2, m.msg);
+    }
+    // Node 2 holds the entry durably, the leader has not confirmed its own write yet.
+    assert!(net.node(1).status().commit < index);
+    net.node(1).advance();
+    assert_eq!(net.node(1).status().commit, index);
+}
+
+#[test]
+fn transfer_refuses_proposals_and_times_out() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.cut.insert(3);
+    net.node(1).transfer_leader(3);
+    assert_eq!(net.node(1).transferee(), 3);
+    assert_eq!(
+        net.node(1).propose(b"x".to_vec()),
+        Err(ProposeError::Transferring)
+    );
+    for _ in 0..10 {
+        net.node(1).tick();
+    }
+    assert_eq!(net.node(1).transferee(), NO_NODE);
+    net.stabilize();
+    assert!(net.node(1).propose(b"x".to_vec()).is_ok());
+}
+
+#[test]
+fn conf_change_rules() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.node(1).tick();
+    net.stabilize();
+    let add4 = ConfChange {
+        changes: vec![ConfChangeItem::AddVoter(4)],
+    };
+    net.node(1).propose_conf_change(add4.clone()).unwrap();
+    // Applied on append: the leader already counts 4.
+    assert_eq!(net.node(1).conf().voters, vec![1, 2, 3, 4]);
+    assert!(matches!(
+        net.node(1).propose_conf_change(add4),
+        Err(ProposeError::ConfChangeRejected(_))
+    ));
+    assert!(matches!(
+        net.node(1)
+            .propose_conf_change(ConfChange { changes: vec![] }),
+        Err(ProposeError::ConfChangeRejected(_))
+    ));
+    assert_eq!(
+        net.node(2).propose_conf_change(ConfChange {
+            changes: vec![ConfChangeItem::Remove(3)]
+        }),
+        Err(ProposeError::NotLeader { leader: 1 })
+    );
+}
