@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Measures etcd and Concord with the same load generator (concord-bench kv) on this
 # machine and prints, per operation and client count:
+#   etcd RESULT op=<op> clients=<c> ... ops_per_sec=... p50_ms=... p99_ms=... p999_ms=...
+#   concord RESULT op=<op> clients=<c> ...
 #   ratio concord/etcd <op> <clients>: X.XX      (throughput, higher is better for Concord)
 #
 # Usage: bench/vs-etcd.sh [--concord HOST:PORT,HOST:PORT,...] [--ops "put get txn"]
@@ -28,7 +30,7 @@ while [ $# -gt 0 ]; do
         --duration) DURATION="$2"; shift 2 ;;
         --value-size) VALUE_SIZE="$2"; shift 2 ;;
         --keys) KEYS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "vs-etcd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -98,24 +100,32 @@ if [ "$ready" != 1 ]; then
     exit 1
 fi
 
-# ops/s from the RESULT line of one run.
+# Runs one measurement; prints "<system> RESULT ..." on stdout and returns the ops/s
+# in the global OPS_PER_SEC. The full report goes to stderr.
+OPS_PER_SEC=0
 run() {
-    local endpoints="$1" op="$2" clients="$3"
-    "$BENCH" kv --endpoints "$endpoints" --op "$op" --clients "$clients" \
-        --duration "$DURATION" --value-size "$VALUE_SIZE" --keys "$KEYS" \
-        | tee /dev/stderr | awk '/^RESULT/ { for (i = 1; i <= NF; i++) if ($i ~ /^ops_per_sec=/) { sub("ops_per_sec=", "", $i); print $i } }'
+    local system="$1" endpoints="$2" op="$3" clients="$4" out result
+    if ! out="$("$BENCH" kv --endpoints "$endpoints" --op "$op" --clients "$clients" \
+        --duration "$DURATION" --value-size "$VALUE_SIZE" --keys "$KEYS")"; then
+        printf '%s\n' "$out" >&2
+        echo "vs-etcd.sh: concord-bench failed against $system ($endpoints)" >&2
+        return 1
+    fi
+    printf '%s\n' "$out" >&2
+    result="$(printf '%s\n' "$out" | grep '^RESULT')"
+    echo "$system $result"
+    OPS_PER_SEC="$(printf '%s\n' "$result" | tr ' ' '\n' | sed -n 's/^ops_per_sec=//p')"
 }
 
 for op in $OPS; do
     for c in $CLIENTS; do
         echo "# etcd $op clients=$c" >&2
-        etcd_ops="$(run "$ETCD_ENDPOINTS" "$op" "$c")"
-        echo "etcd $op $c: ${etcd_ops} ops/s"
+        run etcd "$ETCD_ENDPOINTS" "$op" "$c"
+        etcd_ops="$OPS_PER_SEC"
         if [ -n "$CONCORD" ]; then
             echo "# concord $op clients=$c" >&2
-            concord_ops="$(run "$CONCORD" "$op" "$c")"
-            echo "concord $op $c: ${concord_ops} ops/s"
-            awk -v a="$concord_ops" -v b="$etcd_ops" -v op="$op" -v c="$c" \
+            run concord "$CONCORD" "$op" "$c"
+            awk -v a="$OPS_PER_SEC" -v b="$etcd_ops" -v op="$op" -v c="$c" \
                 'BEGIN { if (b > 0) printf "ratio concord/etcd %s %s: %.2f\n", op, c, a / b; else printf "ratio concord/etcd %s %s: n/a\n", op, c }'
         fi
     done

@@ -115,7 +115,10 @@ struct Profile {
 
 impl Profile {
     fn choose(rng: &mut SimRng, disk: DiskFaults) -> Profile {
-        let n = match rng.range(0, 10) {
+        // Two seeds in five churn leaders hard: five nodes, no pre-vote, one entry
+        // per append, and most new leaders crash or are cut off at once.
+        let churn = rng.chance(400_000);
+        let n = match if churn { 9 } else { rng.range(0, 10) } {
             0 => 1,
             1..=5 => 3,
             _ => 5,
@@ -128,7 +131,11 @@ impl Profile {
             heal_after: (10, rng.range(20, 120)),
             conf_ppm: rng.range(0, 10_000) as u32,
             transfer_ppm: rng.range(0, 8_000) as u32,
-            new_leader_fault_ppm: rng.range(0, 500_000) as u32,
+            new_leader_fault_ppm: if churn {
+                700_000
+            } else {
+                rng.range(0, 500_000) as u32
+            },
             corrupt_share_ppm: if disk == DiskFaults::Corrupt {
                 rng.range(300_000, 800_000) as u32
             } else {
@@ -138,12 +145,12 @@ impl Profile {
             clients: rng.range(2, 6) as u32,
             client_timeout_ticks: rng.range(15, 45),
             think_ticks: rng.range(0, 4),
-            read_mode: if rng.chance(300_000) {
+            read_mode: if rng.chance(500_000) {
                 ReadMode::Lease
             } else {
                 ReadMode::Safe
             },
-            pre_vote: rng.chance(700_000),
+            pre_vote: !churn && rng.chance(700_000),
             heartbeat_ticks: rng.range(1, 3) as u32,
             election_ticks: rng.range(10, 16) as u32,
             // Windows of one make replication step by step, which opens the windows that
@@ -153,7 +160,7 @@ impl Profile {
             } else {
                 rng.range(2, 32) as usize
             },
-            max_batch_entries: if rng.chance(400_000) {
+            max_batch_entries: if churn || rng.chance(400_000) {
                 1
             } else {
                 rng.range(2, 32) as usize
@@ -648,12 +655,15 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     && self.nodes.iter().all(|x| !x.wiped && !x.corrupted)
                     && self.cycle.is_none()
                     && self.rng.chance(self.profile.corrupt_share_ppm);
+                let mut mode = self.rng.range(0, 4);
                 if corrupt && self.nodes[Self::idx(victim)].store.corrupt(&mut self.rng) {
                     self.nodes[Self::idx(victim)].corrupted = true;
                     self.report.corrupt_injected += 1;
                     self.trace(|| format!("corrupt durable data of node {victim}"));
+                    // Crash at once, so the corruption meets recovery before the store moves on.
+                    mode = 3;
                 }
-                match self.rng.range(0, 4) {
+                match mode {
                     2 => {
                         self.trace(|| format!("arm crash of node {victim} before its next send"));
                         self.nodes[Self::idx(victim)].crash_before_send = true;
@@ -1115,6 +1125,12 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 let node = &mut self.nodes[i];
                 node.synced_hard_state = node.hard_state;
             }
+            if wrote && self.faults_on && self.profile.n >= 3 {
+                self.maybe_fault_new_leader(id);
+                if self.nodes[i].replica.is_none() {
+                    return;
+                }
+            }
             if self.nodes[i].crash_before_send && wrote {
                 self.trace(|| format!("node {id} crashes after fsync, before sending"));
                 self.crash(id);
@@ -1163,6 +1179,34 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             self.maybe_compact(id);
         }
         self.fail(format!("node {id}: still has work after 1000 Ready rounds"));
+    }
+
+    /// A leader that just won (its first Ready of the term is durable, not yet sent) may
+    /// crash before sending it, or be armed to crash before sending its next one; with
+    /// quick restarts this replays the crash patterns of the Raft paper's Figure 8.
+    fn maybe_fault_new_leader(&mut self, id: NodeId) {
+        let i = Self::idx(id);
+        let Some(st) = self.nodes[i].replica.as_ref().map(|r| r.status()) else {
+            return;
+        };
+        if st.role != Role::Leader
+            || st.term <= self.nodes[i].leader_checked_term
+            || !self.rng.chance(self.profile.new_leader_fault_ppm)
+        {
+            return;
+        }
+        let back = self.tick_now() + self.rng.range(1, 12);
+        if self.rng.chance(500_000) {
+            self.trace(|| format!("new leader {id} crashes before its first send"));
+            if self.recovery_from.is_none() {
+                self.recovery_from = Some((self.now, st.term));
+            }
+            self.crash(id);
+        } else {
+            self.trace(|| format!("new leader {id} will crash before its next send"));
+            self.nodes[i].crash_before_send = true;
+        }
+        self.nodes[i].restart_at_tick = back;
     }
 
     /// Remembers a vote grant; granting one term to two candidates breaks election safety

@@ -6,11 +6,21 @@ use concord_sim::sim::DiskFaults;
 /// Seeds in the clean sweep: enough to hit every fault kind many times.
 const CLEAN_SEEDS: u64 = 300;
 /// Most seeds a planted-bug sweep may take to find a violation.
-const BUG_SEEDS_MAX: u64 = 400;
+const BUG_SEEDS_MAX: u64 = 500;
 
 fn opts(seeds: u64, start: u64, bug: Option<&str>, disk: DiskFaults) -> SweepOptions {
+    engine_opts("raft", seeds, start, bug, disk)
+}
+
+fn engine_opts(
+    engine: &str,
+    seeds: u64,
+    start: u64,
+    bug: Option<&str>,
+    disk: DiskFaults,
+) -> SweepOptions {
     SweepOptions {
-        engine: "raft".into(),
+        engine: engine.into(),
         seeds,
         start_seed: start,
         inject_bug: bug.map(String::from),
@@ -63,25 +73,42 @@ fn raft_with_disk_corruption_detects_it_and_stays_safe() {
 }
 
 /// Every bug the engine can plant must be caught by some check within a bounded sweep.
-#[test]
-fn every_planted_raft_bug_is_caught() {
-    let bugs = concord_sim::known_bugs("raft").expect("raft is built in");
+fn every_planted_bug_is_caught(engine: &str) {
+    let bugs = concord_sim::known_bugs(engine).expect("engine is built in");
     assert!(!bugs.is_empty());
     for bug in bugs {
         let mut caught = None;
         // Sweep in chunks and stop at the first violation to keep the test quick.
         let mut start = 0;
         while caught.is_none() && start < BUG_SEEDS_MAX {
-            let o = opts(25, start, Some(bug), DiskFaults::None);
+            let o = engine_opts(engine, 25, start, Some(bug), DiskFaults::None);
             let s = run(&o);
             caught = s.violations.first().cloned();
             start += 25;
         }
         assert!(
             caught.is_some(),
-            "planted bug {bug} survived {BUG_SEEDS_MAX} seeds"
+            "planted bug {bug} survived {BUG_SEEDS_MAX} seeds of {engine}"
         );
     }
+}
+
+#[test]
+fn every_planted_raft_bug_is_caught() {
+    every_planted_bug_is_caught("raft");
+}
+
+#[test]
+fn every_planted_paxos_bug_is_caught() {
+    every_planted_bug_is_caught("paxos");
+}
+
+#[test]
+fn paxos_clean_sweep_has_no_violations() {
+    let o = engine_opts("paxos", 150, 0, None, DiskFaults::None);
+    let s = run(&o);
+    assert!(s.ops > 150 * 50, "workload too thin: {}", s.line());
+    assert!(s.violations.is_empty(), "{}", describe(&o, &s));
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! crashed process cannot write; `recover` reads back the durable bytes (the restart).
 
 use crate::disk::SimDisk;
-use crate::record;
+use crate::record::{self, Record};
 use crate::wal::{Wal, WalOptions};
 use crate::{LogStore, Result, StorageError};
 use concord_consensus::{Entry, HardState, Recovered, Snapshot};
@@ -30,6 +30,10 @@ pub struct Corruption {
     pub record_offset: u64,
     /// Byte offset of the flipped byte.
     pub byte_offset: u64,
+    /// The record as it was before the damage (entry, hard state, segment start, ...).
+    pub record: Record,
+    /// The damaged file is the newest segment (the only one that can have a torn tail).
+    pub newest_segment: bool,
 }
 
 /// SplitMix64: turns a caller's seed into well-spread choices without any own state.
@@ -112,10 +116,14 @@ impl FaultyStore {
         self.crash_keeping(mix(seed) % (unsynced + 1));
     }
 
-    /// Flips one bit in a durable WAL record that is not the last one, chosen from `seed`,
-    /// so that recovery must report `StorageError::Corrupt` at the returned place (a
-    /// damaged last record would be indistinguishable from a torn write). Returns `None`
-    /// if fewer than two durable records exist.
+    /// Flips one bit in a durable WAL record, chosen from `seed`, and returns what it hit.
+    /// Every durable record qualifies except the very last one of the newest segment:
+    /// damage there looks exactly like a torn write. Since every fsync is preceded by a
+    /// sync marker, that last record is a marker, which holds no data, so nothing durable
+    /// escapes the choice. Recovery reads every durable segment, so the next `recover`
+    /// must report `StorageError::Corrupt` at `path` and `record_offset`, unless the
+    /// store first deletes the damaged segment (a snapshot covering it): then the damage
+    /// is never read, which is harmless. Returns `None` if no record qualifies.
     pub fn corrupt_random_record(&mut self, seed: u64) -> Option<Corruption> {
         let wal_dir = self.wal.wal_dir().to_path_buf();
         let mut files: Vec<(PathBuf, Vec<u8>)> = self
@@ -129,12 +137,12 @@ impl FaultyStore {
             .map(|(p, b)| (p, b.to_vec()))
             .collect();
         files.sort();
-        // (file, record offset, record length) of every intact durable record.
+        // (file, record offset, record length, record) of every intact durable record.
         let mut records = Vec::new();
         for (fi, (_, bytes)) in files.iter().enumerate() {
             let mut at = 0;
-            while let Ok((_, n)) = record::decode(&bytes[at..]) {
-                records.push((fi, at, n));
+            while let Ok((rec, n)) = record::decode(&bytes[at..]) {
+                records.push((fi, at, n, rec));
                 at += n;
             }
         }
@@ -143,7 +151,7 @@ impl FaultyStore {
             return None;
         }
         let h = mix(seed);
-        let (fi, at, n) = records[(h % records.len() as u64) as usize];
+        let (fi, at, n, rec) = records.swap_remove((h % records.len() as u64) as usize);
         let h2 = mix(h);
         let byte = at + (h2 % n as u64) as usize;
         let mask = 1u8 << (mix(h2) % 8);
@@ -156,11 +164,19 @@ impl FaultyStore {
             path: path.display().to_string(),
             record_offset: at as u64,
             byte_offset: byte as u64,
+            record: rec,
+            newest_segment: fi + 1 == files.len(),
         })
     }
 
     pub fn wal(&self) -> &Wal<SimDisk> {
         &self.wal
+    }
+
+    /// Test switch, see `Wal::set_batching_for_tests`.
+    #[doc(hidden)]
+    pub fn set_batching_for_tests(&mut self, on: bool) {
+        self.wal.set_batching_for_tests(on);
     }
 
     fn check_alive(&self) -> Result<()> {
@@ -298,8 +314,73 @@ mod tests {
     }
 
     #[test]
-    fn too_few_records_to_corrupt() {
+    fn a_fresh_store_has_only_its_segment_start_to_corrupt() {
         let mut s = FaultyStore::new();
-        assert_eq!(s.corrupt_random_record(1), None);
+        let c = s
+            .corrupt_random_record(1)
+            .expect("the segment start qualifies");
+        assert!(matches!(c.record, Record::SegmentStart { .. }), "{c:?}");
+        assert!(c.newest_segment);
+        assert!(matches!(s.recover(), Err(StorageError::Corrupt { .. })));
+    }
+
+    /// The last record that carries data, synced, then damaged: before sync markers it
+    /// was the last record of the file and recovery cut it off as a torn tail, silently
+    /// losing an acknowledged entry. Now the marker after it makes it corruption.
+    #[test]
+    fn damage_to_the_last_synced_entry_is_corruption_not_a_torn_tail() {
+        for (pos, mask) in [(0usize, 1u8), (5, 0x80), (20, 4), (40, 2)] {
+            let mut s = FaultyStore::new();
+            fill(&mut s, 5);
+            let (path, bytes) = s
+                .wal()
+                .disk()
+                .durable_files()
+                .into_iter()
+                .filter(|(p, _)| p.extension().is_some_and(|e| e == "wal"))
+                .max()
+                .map(|(p, b)| (p, b.to_vec()))
+                .expect("a segment");
+            // Find the last entry record.
+            let (mut at, mut last_entry) = (0, None);
+            while let Ok((rec, n)) = record::decode(&bytes[at..]) {
+                if matches!(rec, Record::Entry(_)) {
+                    last_entry = Some(at);
+                }
+                at += n;
+            }
+            let rec_at = last_entry.expect("entries were written");
+            s.wal
+                .disk_mut()
+                .flip_byte(&path, rec_at + pos, mask)
+                .unwrap();
+            match s.recover() {
+                Err(StorageError::Corrupt { offset, .. }) => assert_eq!(offset, rec_at as u64),
+                other => panic!("byte {pos}: expected Corrupt at {rec_at}, got {other:?}"),
+            }
+        }
+    }
+
+    /// One segment only (the default 64 KiB): every choice is in the newest segment,
+    /// where damage to the last data record used to pass for a torn tail.
+    #[test]
+    fn corruption_in_the_newest_segment_is_reported_where_it_is() {
+        for seed in 0..200u64 {
+            let mut s = FaultyStore::new();
+            fill(&mut s, 12);
+            assert_eq!(s.wal().segment_count(), 1);
+            let c = s.corrupt_random_record(seed).expect("records exist");
+            assert!(c.newest_segment);
+            match s.recover() {
+                Err(StorageError::Corrupt { path, offset, .. }) => {
+                    assert_eq!(
+                        (path, offset),
+                        (c.path.clone(), c.record_offset),
+                        "seed {seed}"
+                    );
+                }
+                other => panic!("seed {seed}: expected Corrupt at {c:?}, got {other:?}"),
+            }
+        }
     }
 }

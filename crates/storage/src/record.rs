@@ -35,6 +35,8 @@ const TYPE_SEGMENT_START: u8 = 1;
 const TYPE_ENTRY: u8 = 2;
 const TYPE_HARD_STATE: u8 = 3;
 const TYPE_COMPACT: u8 = 4;
+const TYPE_BATCH_BEGIN: u8 = 5;
+const TYPE_SYNC_MARK: u8 = 6;
 
 /// One decoded record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +59,21 @@ pub enum Record {
     Compact {
         index: u64,
         term: u64,
+    },
+    /// Opens a truncating batch: the next `count` records are the entries
+    /// `first_index..first_index + count`, and the truncation from `first_index` they
+    /// imply takes effect only once all of them are present. An incomplete batch at the
+    /// tail of the newest segment is a torn write and is cut off whole.
+    BatchBegin {
+        first_index: u64,
+        count: u64,
+    },
+    /// Written just before every fsync of a segment: `offset` is this record's own byte
+    /// offset in its file. Every synced stretch of a segment thus ends with a marker, so
+    /// damage to any record that carries data is followed by intact bytes and is reported
+    /// as corruption, never cut off as a torn tail.
+    SyncMark {
+        offset: u64,
     },
 }
 
@@ -151,6 +168,17 @@ pub fn encode(out: &mut Vec<u8>, record: &Record) {
             out.extend_from_slice(&index.to_le_bytes());
             out.extend_from_slice(&term.to_le_bytes());
             finish(out, start, TYPE_COMPACT);
+        }
+        Record::BatchBegin { first_index, count } => {
+            let start = begin(out);
+            out.extend_from_slice(&first_index.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+            finish(out, start, TYPE_BATCH_BEGIN);
+        }
+        Record::SyncMark { offset } => {
+            let start = begin(out);
+            out.extend_from_slice(&offset.to_le_bytes());
+            finish(out, start, TYPE_SYNC_MARK);
         }
     }
 }
@@ -284,6 +312,19 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
                 term: u64_at(p, 8),
             }
         }
+        TYPE_BATCH_BEGIN => {
+            want(16, "batch begin")?;
+            Record::BatchBegin {
+                first_index: u64_at(p, 0),
+                count: u64_at(p, 8),
+            }
+        }
+        TYPE_SYNC_MARK => {
+            want(8, "sync marker")?;
+            Record::SyncMark {
+                offset: u64_at(p, 0),
+            }
+        }
         t => return Err(DecodeError::Malformed(format!("unknown record type {t}"))),
     };
     Ok((record, total))
@@ -319,6 +360,11 @@ mod tests {
                 commit: 40,
             }),
             Record::Compact { index: 10, term: 1 },
+            Record::BatchBegin {
+                first_index: 40,
+                count: 3,
+            },
+            Record::SyncMark { offset: 4096 },
         ]
     }
 

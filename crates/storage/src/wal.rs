@@ -45,6 +45,12 @@ pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 << 20;
 /// 1 MiB: large enough that a batch is one `write`, small enough to bound memory.
 pub const WRITE_BUFFER_BYTES_MAX_DEFAULT: usize = 1 << 20;
 
+/// Encoded size of a `SyncMark` record.
+const SYNC_MARK_BYTES: u64 = HEADER_BYTES as u64 + 8;
+
+/// Encoded size of a `BatchBegin` record.
+const BATCH_BEGIN_BYTES: u64 = HEADER_BYTES as u64 + 16;
+
 impl Default for WalOptions {
     fn default() -> Self {
         WalOptions {
@@ -115,6 +121,17 @@ struct Replay {
     /// Replay began in a segment whose predecessors were deleted, so an entry may
     /// legitimately overwrite indices whose older records are gone.
     partial: bool,
+    /// A truncating batch whose entries are still being read: nothing of it is applied
+    /// until all its entries are there.
+    batch: Option<PendingBatch>,
+}
+
+struct PendingBatch {
+    /// Byte offset of its `BatchBegin` record (where a torn batch is cut off).
+    at: u64,
+    first_index: u64,
+    count: u64,
+    entries: Vec<Entry>,
 }
 
 impl Replay {
@@ -151,6 +168,8 @@ pub struct Wal<D: Disk = StdDisk> {
     snapshot_index: u64,
     /// Bytes were written to the active segment since its last fsync.
     file_dirty: bool,
+    /// Records were added to the active segment since its last sync marker.
+    unmarked: bool,
     /// A segment file was created or removed since the last directory fsync.
     dir_dirty: bool,
     /// The result of opening, until the first change.
@@ -158,6 +177,9 @@ pub struct Wal<D: Disk = StdDisk> {
     /// Set after an I/O error on a write path: what reached the disk is unknown, so the
     /// WAL refuses further work until it is reopened (retrying fsync is not safe).
     failed: Option<String>,
+    /// Truncating appends are framed as batches. Only tests turn this off, to show that
+    /// the model test catches a torn overwrite.
+    batching: bool,
 }
 
 impl<D: Disk> std::fmt::Debug for Wal<D> {
@@ -207,9 +229,11 @@ impl<D: Disk> Wal<D> {
             hard_state: HardState::default(),
             snapshot_index: 0,
             file_dirty: false,
+            unmarked: false,
             dir_dirty: false,
             recovered: None,
             failed: None,
+            batching: true,
         };
         let r = wal.load()?;
         wal.recovered = Some(r);
@@ -244,6 +268,13 @@ impl<D: Disk> Wal<D> {
     pub fn reload(&mut self) -> Result<Recovered> {
         self.recovered = None;
         self.load()
+    }
+
+    /// Test switch: `false` writes truncating appends record by record without batch
+    /// framing (the old, unsafe behaviour), so tests can show they catch it.
+    #[doc(hidden)]
+    pub fn set_batching_for_tests(&mut self, on: bool) {
+        self.batching = on;
     }
 
     /// Number of segment files (for tests and metrics).
@@ -318,8 +349,25 @@ impl<D: Disk> Wal<D> {
         Ok(())
     }
 
+    /// Buffers a sync marker if records were added since the last one; called right
+    /// before every fsync of the active segment.
+    fn mark(&mut self) -> Result<()> {
+        if !self.unmarked {
+            return Ok(());
+        }
+        let offset = self.segments.last().expect("active segment").bytes;
+        self.put(&Record::SyncMark { offset })?;
+        debug_assert_eq!(
+            self.segments.last().map(|s| s.bytes),
+            Some(offset + SYNC_MARK_BYTES)
+        );
+        self.unmarked = false;
+        Ok(())
+    }
+
     /// Buffers one record for the active segment.
     fn put(&mut self, rec: &Record) -> Result<()> {
+        self.unmarked = true;
         let before = self.pending.len();
         record::encode(&mut self.pending, rec);
         let n = (self.pending.len() - before) as u64;
@@ -340,6 +388,7 @@ impl<D: Disk> Wal<D> {
         };
         let seq = match self.segments.last().map(|s| s.seq) {
             Some(prev_seq) => {
+                self.mark()?;
                 self.flush()?;
                 self.fsync_active()?;
                 // The previous segment's name too, so that no crash can keep a newer
@@ -446,6 +495,7 @@ impl<D: Disk> Wal<D> {
     }
 
     fn sync_inner(&mut self) -> Result<u64> {
+        self.mark()?;
         self.flush()?;
         self.fsync_active()?;
         self.fsync_dir()?;
@@ -467,6 +517,7 @@ impl<D: Disk> Wal<D> {
         self.pending.clear();
         self.segments.clear();
         self.file_dirty = false;
+        self.unmarked = false;
         self.dir_dirty = false;
         let wal_dir = self.wal_dir.clone();
         self.disk
@@ -490,6 +541,7 @@ impl<D: Disk> Wal<D> {
             entries: Vec::new(),
             hard_state: HardState::default(),
             partial: false,
+            batch: None,
         };
         let count = names.len();
         for (pos, (seq, first_index, name)) in names.into_iter().enumerate() {
@@ -506,6 +558,8 @@ impl<D: Disk> Wal<D> {
                 bytes: 0,
             };
             let mut at = 0usize;
+            // Whether the last record kept so far is a sync marker.
+            let mut marked = false;
             while at < buf.len() {
                 let rec_at = at as u64;
                 let rec = match record::decode(&buf[at..]) {
@@ -534,9 +588,37 @@ impl<D: Disk> Wal<D> {
                         break;
                     }
                 };
+                marked = matches!(rec, Record::SyncMark { .. });
                 self.replay_record(&mut rp, &mut seg, rec, pos, &path, rec_at)?;
                 seg.bytes = at as u64;
             }
+            if let Some(b) = rp.batch.take() {
+                // A truncating batch that did not get all its entries. Never synced (a
+                // batch is written whole before any fsync and never spans segments), so
+                // only a torn tail of the newest segment can end like this.
+                if !is_last {
+                    return Err(Self::corrupt(
+                        &path,
+                        b.at,
+                        format!(
+                            "batch of {} entries from index {} is incomplete ({} present) in a \
+                             segment that is not the newest",
+                            b.count,
+                            b.first_index,
+                            b.entries.len()
+                        ),
+                    ));
+                }
+                self.disk
+                    .truncate(&path, b.at)
+                    .map_err(|e| io_err(&path, e))?;
+                seg.bytes = b.at;
+                // The record before a batch-begin is never a marker (a batch follows an
+                // entry, a hard state or a segment start).
+                marked = false;
+            }
+            // Records that survived a crash unsynced (or a cut) get a marker below.
+            self.unmarked = !marked;
             if seg.bytes == 0 {
                 // Not even its first record made it: a segment created just before a
                 // crash. Only acceptable as the newest one.
@@ -624,6 +706,11 @@ impl<D: Disk> Wal<D> {
         if self.segments.is_empty() {
             self.roll(Some((self.base, self.base_term)))?;
             self.sync_inner()?;
+        } else if self.unmarked {
+            // The newest segment ends with records that survived a crash without being
+            // synced (or was cut back): mark them, so that from now on damage to them
+            // is corruption rather than a torn tail.
+            self.sync_inner()?;
         }
         Ok(Recovered {
             hard_state: self.hard_state,
@@ -631,6 +718,42 @@ impl<D: Disk> Wal<D> {
             snapshot,
             entries: rp.entries,
         })
+    }
+
+    /// Applies one entry record (or one entry of a complete batch) to the replayed log.
+    fn replay_entry(
+        rp: &mut Replay,
+        seg: &mut Segment,
+        e: Entry,
+        path: &Path,
+        rec_at: u64,
+    ) -> Result<()> {
+        let bad = |detail: String| Self::corrupt(path, rec_at, detail);
+        let index = e.index;
+        if index > rp.last() + 1 || index == 0 {
+            return Err(bad(format!(
+                "entry {index} does not follow the log ending at {}",
+                rp.last()
+            )));
+        }
+        if index <= rp.base {
+            if !rp.partial {
+                return Err(bad(format!(
+                    "entry {index} is at or below the compaction point {}",
+                    rp.base
+                )));
+            }
+            // The records it overwrote were in deleted segments.
+            rp.base = index - 1;
+            rp.base_term = None;
+            rp.entries.clear();
+        } else {
+            rp.entries.truncate((index - rp.base - 1) as usize);
+        }
+        rp.entries.push(e);
+        seg.max_index = seg.max_index.max(index);
+        seg.has_entries = true;
+        Ok(())
     }
 
     fn replay_record(
@@ -644,6 +767,26 @@ impl<D: Disk> Wal<D> {
     ) -> Result<()> {
         let first_record = rec_at == 0;
         let bad = |detail: String| Self::corrupt(path, rec_at, detail);
+        if let Some(b) = &mut rp.batch {
+            let want = b.first_index + b.entries.len() as u64;
+            match rec {
+                Record::Entry(e) if e.index == want => b.entries.push(e),
+                other => {
+                    return Err(bad(format!(
+                        "expected entry {want} of the batch begun at byte offset {}, found {}",
+                        b.at,
+                        record_kind(&other)
+                    )))
+                }
+            }
+            if b.entries.len() as u64 == b.count {
+                let b = rp.batch.take().expect("pending batch");
+                for e in b.entries {
+                    Self::replay_entry(rp, seg, e, path, rec_at)?;
+                }
+            }
+            return Ok(());
+        }
         match rec {
             Record::SegmentStart {
                 seq,
@@ -687,33 +830,30 @@ impl<D: Disk> Wal<D> {
             _ if first_record => {
                 return Err(bad("segment does not begin with a start record".into()));
             }
-            Record::Entry(e) => {
-                let index = e.index;
-                if index > rp.last() + 1 || index == 0 {
+            Record::Entry(e) => Self::replay_entry(rp, seg, e, path, rec_at)?,
+            Record::BatchBegin { first_index, count } => {
+                if count == 0 || first_index == 0 || first_index > rp.last() + 1 {
                     return Err(bad(format!(
-                        "entry {index} does not follow the log ending at {}",
+                        "batch of {count} entries from index {first_index} does not fit the \
+                         log ending at {}",
                         rp.last()
                     )));
                 }
-                if index <= rp.base {
-                    if !rp.partial {
-                        return Err(bad(format!(
-                            "entry {index} is at or below the compaction point {}",
-                            rp.base
-                        )));
-                    }
-                    // The records it overwrote were in deleted segments.
-                    rp.base = index - 1;
-                    rp.base_term = None;
-                    rp.entries.clear();
-                } else {
-                    rp.entries.truncate((index - rp.base - 1) as usize);
-                }
-                rp.entries.push(e);
-                seg.max_index = seg.max_index.max(index);
-                seg.has_entries = true;
+                rp.batch = Some(PendingBatch {
+                    at: rec_at,
+                    first_index,
+                    count,
+                    entries: Vec::new(),
+                });
             }
             Record::HardState(hs) => rp.hard_state = hs,
+            Record::SyncMark { offset } => {
+                if offset != rec_at {
+                    return Err(bad(format!(
+                        "sync marker says byte offset {offset}, found at {rec_at}"
+                    )));
+                }
+            }
             Record::Compact { index, term } => {
                 if index <= rp.base {
                     if index == rp.base && rp.base_term.is_none() {
@@ -735,20 +875,53 @@ impl<D: Disk> Wal<D> {
     }
 }
 
+fn record_kind(r: &Record) -> &'static str {
+    match r {
+        Record::SegmentStart { .. } => "a segment start",
+        Record::Entry(_) => "an entry out of order",
+        Record::HardState(_) => "a hard state",
+        Record::Compact { .. } => "a compaction",
+        Record::BatchBegin { .. } => "another batch",
+        Record::SyncMark { .. } => "a sync marker",
+    }
+}
+
 impl<D: Disk> LogStore for Wal<D> {
     fn append(&mut self, entries: &[Entry]) -> Result<()> {
         self.check_ok()?;
         check_append(entries, self.base, self.last)?;
         self.recovered = None;
-        for e in entries {
-            let size = (HEADER_BYTES + record::ENTRY_PREFIX_BYTES + e.data.len()) as u64;
+        let entry_bytes =
+            |e: &Entry| (HEADER_BYTES + record::ENTRY_PREFIX_BYTES + e.data.len()) as u64;
+        // An append that overwrites part of the log is one batch, so that a crash keeps
+        // either the old suffix or the whole new one (a torn batch is cut off whole at
+        // recovery). The batch never spans segments: roll before it if it does not fit,
+        // and let it overfill the segment if it is larger than a segment.
+        let truncating = self.batching && entries.first().is_some_and(|e| e.index <= self.last);
+        if truncating {
+            let batch_bytes = BATCH_BEGIN_BYTES + entries.iter().map(entry_bytes).sum::<u64>();
             let active = self.segments.last().expect("active segment");
-            if active.has_entries && active.bytes + size > self.opts.segment_bytes_max {
+            if active.has_entries && active.bytes + batch_bytes > self.opts.segment_bytes_max {
+                self.roll(None)?;
+            }
+            self.put(&Record::BatchBegin {
+                first_index: entries[0].index,
+                count: entries.len() as u64,
+            })?;
+        }
+        for e in entries {
+            let size = entry_bytes(e);
+            let active = self.segments.last().expect("active segment");
+            if !truncating
+                && active.has_entries
+                && active.bytes + size > self.opts.segment_bytes_max
+            {
                 self.roll(None)?;
             }
             if e.index <= self.last {
                 self.truncate_terms(e.index - 1);
             }
+            self.unmarked = true;
             let before = self.pending.len();
             record::encode_entry(&mut self.pending, e);
             let n = (self.pending.len() - before) as u64;

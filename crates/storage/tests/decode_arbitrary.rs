@@ -44,6 +44,11 @@ fn valid_records() -> Vec<u8> {
             commit: 1,
         }),
         Record::Compact { index: 1, term: 1 },
+        Record::BatchBegin {
+            first_index: 1,
+            count: 2,
+        },
+        Record::SyncMark { offset: 120 },
     ] {
         encode(&mut buf, &r);
     }

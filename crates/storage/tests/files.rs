@@ -165,8 +165,9 @@ fn torn_tail_is_cut_off_and_the_node_starts() {
     let offsets = record_offsets(&seg);
     let last_record = *offsets.last().unwrap();
     let len = fs::metadata(&seg).unwrap().len();
-    // The last write was the hard state after entries 31..40; cut into the entry before.
-    let cut_at = offsets[offsets.len() - 2];
+    // The last write was entries 31..40, the hard state and a sync marker; cut into the
+    // last entry.
+    let cut_at = offsets[offsets.len() - 3];
     fs::OpenOptions::new()
         .write(true)
         .open(&seg)
@@ -179,8 +180,8 @@ fn torn_tail_is_cut_off_and_the_node_starts() {
     assert_eq!(r.entries, ents(1..=39, 1));
     assert_eq!(
         fs::metadata(&seg).unwrap().len(),
-        cut_at as u64,
-        "the torn bytes are gone"
+        cut_at as u64 + 24,
+        "the torn bytes are gone (and a sync marker now ends the file)"
     );
     // The log goes on from there, and a reopen sees the new entries.
     wal.append(&ents(40..=41, 2)).unwrap();
@@ -196,6 +197,8 @@ fn bad_checksum_of_the_very_last_record_and_zero_filled_tail_count_as_torn() {
     write_log(&d.0, 20, 64 << 20);
     let seg = segments(&d.0).pop().unwrap();
     let offsets = record_offsets(&seg);
+    // The very last record is the sync marker written before the last fsync: damage to
+    // it looks like a torn write, and cutting it loses no data.
     let last = *offsets.last().unwrap();
     flip(&seg, last + 18);
     let mut bytes = fs::read(&seg).unwrap();
@@ -205,10 +208,38 @@ fn bad_checksum_of_the_very_last_record_and_zero_filled_tail_count_as_torn() {
     let r = wal.recover().unwrap();
     assert_eq!(r.entries, ents(1..=20, 1));
     assert_eq!(
-        r.hard_state.commit, 1,
-        "the damaged last hard state is dropped"
+        r.hard_state.commit, 11,
+        "the hard state before the marker is kept"
     );
-    assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64);
+    // Cut back to the damaged marker, then a fresh marker was written and synced.
+    assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64 + 24);
+}
+
+#[test]
+fn damage_to_the_last_synced_hard_state_is_corruption() {
+    let d = TempDir::new("last-hs");
+    write_log(&d.0, 20, 64 << 20);
+    let seg = segments(&d.0).pop().unwrap();
+    // [..., entry 20, hard state, sync marker]: the hard state is the last record with
+    // data. Without the marker after it, this damage would be cut off as a torn tail.
+    let bytes = fs::read(&seg).unwrap();
+    let hs = *record_offsets(&seg)
+        .iter()
+        .rfind(|&&at| {
+            matches!(
+                concord_storage::record::decode(&bytes[at..]),
+                Ok((concord_storage::record::Record::HardState(_), _))
+            )
+        })
+        .expect("a hard state record");
+    flip(&seg, hs + 18);
+    match Wal::open(&d.0, opts(64 << 20)) {
+        Err(StorageError::Corrupt { path, offset, .. }) => {
+            assert_eq!((Path::new(&path), offset), (seg.as_path(), hs as u64));
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("expected Corrupt, got a WAL"),
+    }
 }
 
 #[test]
