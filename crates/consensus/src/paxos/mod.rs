@@ -126,6 +126,10 @@ struct Candidate {
     merged: BTreeMap<u64, Entry>,
     /// Nodes a prepare was sent to.
     asked: BTreeSet<NodeId>,
+    /// The page each unfinished promiser was last asked for (resent while it is silent).
+    next_page: BTreeMap<NodeId, u64>,
+    /// Whether the prepares bypass the lease guard (leadership transfer).
+    force: bool,
 }
 
 /// Snapshot transfer to one peer (one chunk in flight).
@@ -358,6 +362,7 @@ impl Paxos {
         cand.promised.insert(self.id);
         cand.promiser_commit.insert(self.id, self.commit);
         cand.asked.insert(self.id);
+        cand.force = force;
         self.cand = Some(cand);
         self.ask_promises(force);
         self.check_phase1();
@@ -395,6 +400,7 @@ impl Paxos {
         for v in todo {
             if let Some(c) = self.cand.as_mut() {
                 c.asked.insert(v);
+                c.next_page.insert(v, commit + 1);
             }
             self.send(
                 v,
@@ -402,6 +408,32 @@ impl Paxos {
                     ballot: b,
                     commit,
                     from: commit + 1,
+                    force,
+                },
+            );
+        }
+    }
+
+    /// Every two heartbeat intervals of a campaign.
+    fn resend_due(&self) -> bool {
+        self.elapsed.is_multiple_of(2 * self.cfg.heartbeat_ticks)
+    }
+
+    /// A lost prepare or promise would otherwise cost a whole election timeout: ask the
+    /// silent acceptors again for the page they owe.
+    fn resend_prepares(&mut self) {
+        let Some(cand) = self.cand.as_ref() else {
+            return;
+        };
+        let (b, commit, force) = (self.promised, self.commit, cand.force);
+        let todo: Vec<(NodeId, u64)> = cand.next_page.iter().map(|(&n, &f)| (n, f)).collect();
+        for (n, from) in todo {
+            self.send(
+                n,
+                Message::Prepare {
+                    ballot: b,
+                    commit,
+                    from,
                     force,
                 },
             );
@@ -950,8 +982,8 @@ impl Paxos {
         let Some(cand) = self.cand.as_mut() else {
             return;
         };
-        if !cand.asked.contains(&from) || cand.promised.contains(&from) {
-            return;
+        if cand.promised.contains(&from) || cand.next_page.get(&from) != Some(&page_from) {
+            return; // Not asked, already complete, or a duplicate of an earlier page.
         }
         let mut expect = page_from;
         for e in entries {
@@ -969,18 +1001,21 @@ impl Paxos {
             }
         }
         if done {
+            cand.next_page.remove(&from);
             cand.promised.insert(from);
             cand.promiser_commit.insert(from, commit);
             self.ask_promises(false);
             self.check_phase1();
         } else {
+            cand.next_page.insert(from, expect);
+            let force = cand.force;
             self.send(
                 from,
                 Message::Prepare {
                     ballot: b,
                     commit: my_commit,
                     from: expect,
-                    force: false,
+                    force,
                 },
             );
         }
@@ -1443,6 +1478,8 @@ impl Replica for Paxos {
                 } else {
                     self.reset_timeout();
                 }
+            } else if self.role == Role::Candidate && self.resend_due() {
+                self.resend_prepares();
             }
             return;
         }

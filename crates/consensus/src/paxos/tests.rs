@@ -197,86 +197,108 @@ fn accept_leaving_a_hole_is_rejected_with_a_hint() {
 }
 
 #[test]
-fn new_leader_reproposes_highest_ballot_values_and_fills_gaps() {
+fn new_leader_reproposes_highest_ballot_values_page_by_page() {
     let mut p = node(1);
     let old = ballot::make(1, 2);
-    // Node 2 led at `old` before.
+    let newer = ballot::make(1, 3);
+    // Node 1 accepted `a` in slot 1 from the old leader 2.
     p.step(
         2,
-        Message::Heartbeat {
+        Message::Accept {
             ballot: old,
+            prev: 0,
+            entries: vec![entry(1, old, "a")],
             commit: 0,
-            seq: 1,
-            sent_at: 0,
         },
     );
     cycle(&mut p);
     p.campaign_now();
     let b = p.status().term;
+    assert!(newer < b);
     let rd = cycle(&mut p);
     assert_eq!(rd.hard_state.map(|h| h.term), Some(b));
-    assert_eq!(
-        sent(&rd)
-            .iter()
-            .filter(|(_, m)| matches!(m, Message::Prepare { .. }))
-            .count(),
-        2
-    );
-    assert!(old < b);
-    // Node 2 reports slot 1 = "x" (older ballot) and slot 3 = "y"; nothing for slot 2
-    // (a hand-made page: honest acceptors have contiguous slots, see the module docs).
+    let prepares = sent(&rd)
+        .iter()
+        .filter(|(_, m)| matches!(m, Message::Prepare { from: 1, .. }))
+        .count();
+    assert_eq!(prepares, 2);
+    // Node 2 reports slot 1 = "x" under a higher ballot than ours, one page at a time.
     p.step(
         2,
         Message::Promise {
             ballot: b,
             from: 1,
-            entries: vec![entry(1, old, "x")],
+            entries: vec![entry(1, newer, "x")],
             done: false,
             commit: 0,
         },
     );
-    // The candidate asks for the next page.
     let rd = cycle(&mut p);
     assert!(matches!(
         sent(&rd)[0],
         (2, Message::Prepare { from: 2, .. })
     ));
+    // A duplicate of the first page changes nothing.
     p.step(
         2,
         Message::Promise {
             ballot: b,
-            from: 3,
-            entries: vec![entry(3, old, "y")],
+            from: 1,
+            entries: vec![entry(1, newer, "x")],
+            done: true,
+            commit: 0,
+        },
+    );
+    assert_eq!(p.status().role, Role::Candidate);
+    p.step(
+        2,
+        Message::Promise {
+            ballot: b,
+            from: 2,
+            entries: vec![entry(2, old, "y")],
             done: true,
             commit: 0,
         },
     );
     assert_eq!(p.status().role, Role::Leader);
     let rd = cycle(&mut p);
-    let got: Vec<(u64, EntryKind, u64)> = rd
+    let got: Vec<(u64, String, u64)> = rd
         .entries
         .iter()
-        .map(|e| (e.index, e.kind, e.term))
+        .map(|e| {
+            (
+                e.index,
+                String::from_utf8_lossy(&e.data).into_owned(),
+                e.term,
+            )
+        })
         .collect();
-    assert_eq!(
-        got,
-        vec![
-            (1, EntryKind::Normal, b),
-            (2, EntryKind::Noop, b),
-            (3, EntryKind::Normal, b)
-        ]
-    );
-    // Slot 2 is chosen once a quorum has it; then the leader's commit advances.
+    assert_eq!(got, vec![(1, "x".into(), b), (2, "y".into(), b)]);
+    // Chosen once a quorum has them; then the leader's commit advances.
     p.step(
         2,
         Message::Accepted {
             ballot: b,
-            matched: 3,
+            matched: 2,
         },
     );
     let rd = cycle(&mut p);
-    assert_eq!(rd.committed.len(), 3);
-    assert_eq!(p.status().commit, 3);
+    assert_eq!(rd.committed.len(), 2);
+    assert_eq!(p.status().commit, 2);
+}
+
+#[test]
+fn candidate_resends_prepares_to_silent_acceptors() {
+    let mut p = node(1);
+    p.campaign_now();
+    cycle(&mut p);
+    p.tick();
+    p.tick();
+    let again = sent(&cycle(&mut p))
+        .iter()
+        .filter(|(_, m)| matches!(m, Message::Prepare { .. }))
+        .count();
+    assert_eq!(again, 2);
 }
 
 #[test]
