@@ -66,7 +66,11 @@ async fn exercise(engine: Engine, base: u16) {
                     }
                     Err(e) => {
                         tries += 1;
-                        assert!(tries < 50, "{engine:?}: write via node {} fails: {e}", n.config.id);
+                        assert!(
+                            tries < 50,
+                            "{engine:?}: write via node {} fails: {e}",
+                            n.config.id
+                        );
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
@@ -86,7 +90,11 @@ async fn exercise(engine: Engine, base: u16) {
             .unwrap()
             .count
         });
-        assert_eq!(count, 30, "{engine:?}: node {} sees all writes", n.config.id);
+        assert_eq!(
+            count, 30,
+            "{engine:?}: node {} sees all writes",
+            n.config.id
+        );
     }
     // Snapshots were taken (every 20 entries) without disturbing service.
     assert!(nodes.iter().all(|n| n.kv.status().snapshot_index >= 20));
@@ -105,20 +113,34 @@ async fn exercise(engine: Engine, base: u16) {
         if ls[0] != 0 && ls[0] != leader && ls.iter().all(|&l| l == ls[0]) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{engine:?}: no new leader");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{engine:?}: no new leader"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut ok = false;
     for _ in 0..50 {
-        if rest[0].backend.propose(put("after", "failover")).await.is_ok() {
+        if rest[0]
+            .backend
+            .propose(put("after", "failover"))
+            .await
+            .is_ok()
+        {
             ok = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "{engine:?}: writes after failover");
-    rest[1].backend.read_barrier().await.expect("barrier after failover");
-    let v = rest[1].backend.with_store(|s| s.get(b"after").map(|kv| kv.value));
+    rest[1]
+        .backend
+        .read_barrier()
+        .await
+        .expect("barrier after failover");
+    let v = rest[1]
+        .backend
+        .with_store(|s| s.get(b"after").map(|kv| kv.value));
     assert_eq!(v.as_deref(), Some(&b"failover"[..]));
     for n in rest {
         n.stop().await;
@@ -171,7 +193,10 @@ async fn leader_expires_leases() {
         if b.with_store(|s| s.get(b"leased")).is_none() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "lease never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lease never expired"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for n in nodes {
