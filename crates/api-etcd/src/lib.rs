@@ -12,9 +12,14 @@ pub mod error;
 pub mod kv;
 pub mod lease;
 pub mod limits;
+pub mod local;
 pub mod maintenance;
 pub mod proto;
+pub mod server;
+pub mod watch;
 
 pub use backend::{
     Backend, BackendError, EventBatch, EventFeed, HeaderStamp, MemberInfo, NodeStatus,
 };
+pub use local::LocalBackend;
+pub use server::{bind_and_serve, router, serve, EtcdApiConfig};

@@ -15,3 +15,23 @@ pub const TXN_OPS_MAX: usize = 128;
 
 /// Responses queued per LeaseKeepAlive stream before the server stops reading requests.
 pub const KEEPALIVE_STREAM_BUFFER: usize = 16;
+
+/// Responses queued per Watch stream. When the client reads slower than events arrive the
+/// stream task waits here, stops following the live event feed and later catches up from
+/// store history, so nothing else grows.
+pub const WATCH_STREAM_BUFFER: usize = 64;
+
+/// Most watchers one Watch stream may hold.
+pub const WATCHERS_PER_STREAM_MAX: usize = 4096;
+
+/// Most events read from store history for one lagging watcher in one step; other
+/// watchers and client requests on the stream are served between steps.
+pub const WATCH_CATCHUP_BATCH_EVENTS: usize = 1000;
+
+/// Encoded size above which a watch response is split into fragments, for clients that
+/// asked for fragmentation.
+pub const WATCH_FRAGMENT_BYTES: usize = MAX_REQUEST_BYTES;
+
+/// Default period of progress notifications for watchers created with
+/// `progress_notify` (etcd's default is ten minutes).
+pub const PROGRESS_NOTIFY_INTERVAL_MS: u64 = 10 * 60 * 1000;

@@ -150,14 +150,10 @@ fn fmt_msg(from: NodeId, to: NodeId, m: &Message) -> String {
             prev_term,
             entries,
             commit,
-            base_conf,
         } => {
             let es: Vec<String> = entries.iter().map(fmt_entry).collect();
-            let base = base_conf
-                .as_ref()
-                .map_or(String::new(), |c| format!(" base={:?}", c.voters));
             format!(
-                "Append term={t} prev={prev_index}@{prev_term} commit={commit} [{}]{base}",
+                "Append term={t} prev={prev_index}@{prev_term} commit={commit} [{}]",
                 es.join(" ")
             )
         }

@@ -225,34 +225,58 @@ fn chain(prev: u64, index: u64, term: u64, digest: u64) -> u64 {
     mix(prev ^ mix(index.wrapping_mul(31) ^ mix(term ^ mix(digest))))
 }
 
+/// Membership after applying `cc` to `conf`, by the contract's rules: a change that alters
+/// more than one voter enters a joint configuration (the old voters stay as outgoing), the
+/// empty change leaves it, and an invalid change (while joint, or leaving no voters)
+/// applies as nothing, as it does in the engines.
 fn apply_conf_change(conf: &mut ConfState, cc: &ConfChange) {
     if cc.changes.is_empty() {
         conf.voters_outgoing.clear();
         return;
     }
-    if cc.changes.len() > 1 && conf.voters_outgoing.is_empty() {
-        conf.voters_outgoing = conf.voters.clone();
+    if conf.is_joint() {
+        return;
     }
+    let mut next = conf.clone();
     for item in &cc.changes {
         match *item {
             ConfChangeItem::AddVoter(x) => {
-                conf.learners.retain(|&l| l != x);
-                conf.voters.push(x);
+                next.learners.retain(|&l| l != x);
+                next.voters.push(x);
             }
             ConfChangeItem::AddLearner(x) => {
-                conf.voters.retain(|&v| v != x);
-                conf.learners.push(x);
+                next.voters.retain(|&v| v != x);
+                next.learners.push(x);
             }
             ConfChangeItem::Remove(x) => {
-                conf.voters.retain(|&v| v != x);
-                conf.learners.retain(|&l| l != x);
+                next.voters.retain(|&v| v != x);
+                next.learners.retain(|&l| l != x);
             }
         }
     }
-    conf.voters.sort_unstable();
-    conf.voters.dedup();
-    conf.learners.sort_unstable();
-    conf.learners.dedup();
+    next.voters.sort_unstable();
+    next.voters.dedup();
+    next.learners.sort_unstable();
+    next.learners.dedup();
+    if next.voters.is_empty() {
+        return;
+    }
+    let changed = next
+        .voters
+        .iter()
+        .filter(|v| !conf.voters.contains(v))
+        .count()
+        + conf
+            .voters
+            .iter()
+            .filter(|v| !next.voters.contains(v))
+            .count();
+    next.voters_outgoing = if changed > 1 {
+        conf.voters.clone()
+    } else {
+        Vec::new()
+    };
+    *conf = next;
 }
 
 struct Node<R, S> {
@@ -269,6 +293,8 @@ struct Node<R, S> {
     shadow: ShadowLog,
     /// The hard state last written to the store.
     hard_state: HardState,
+    /// The hard state last made durable (written, then synced).
+    synced_hard_state: HardState,
     /// Crash at the next persist, after writing but before syncing.
     crash_in_persist: bool,
     restart_at_tick: u64,
@@ -429,6 +455,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 reads: Vec::new(),
                 shadow: ShadowLog::default(),
                 hard_state: HardState::default(),
+                synced_hard_state: HardState::default(),
                 crash_in_persist: false,
                 restart_at_tick: 0,
                 corrupted: false,
@@ -768,6 +795,14 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             ));
             return;
         }
+        let synced = self.nodes[i].synced_hard_state;
+        let hs = rec.hard_state;
+        if hs.term < synced.term || (hs.term == synced.term && hs.vote != synced.vote) {
+            self.fail(format!(
+                "node {id}: store recovered hard state {hs:?} but {synced:?} was synced"
+            ));
+            return;
+        }
         let base_chain = self.base_chain(base_index, base_term);
         let node = &mut self.nodes[i];
         node.kv = kv;
@@ -776,6 +811,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         node.applied_term = base_term;
         node.snap_index = base_index;
         node.hard_state = rec.hard_state;
+        node.synced_hard_state = rec.hard_state;
         node.shadow = ShadowLog {
             base_index,
             base_term,
@@ -898,11 +934,16 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         }
     }
 
-    /// A node whose data was lost rejoins as a brand-new, empty member: it knows no
-    /// configuration and no votes, which is safe only because it was removed first.
+    /// A node whose data was lost rejoins as a brand-new, empty member. It knows no votes,
+    /// which is safe only because it was removed from the group first: a candidate that
+    /// still counts it must lack the committed removal, and too few such nodes remain to
+    /// form a majority with it. It starts from the founding configuration, as every node
+    /// does, because the log it will replay from index 1 does not contain that
+    /// configuration (only changes to it); a snapshot, if it gets one, carries the current
+    /// configuration instead.
     fn rebuild_empty(&mut self, id: NodeId) {
         let config = self.config(id);
-        let replica = match R::create(config, ConfState::default(), Recovered::default()) {
+        let replica = match R::create(config, self.initial.clone(), Recovered::default()) {
             Ok(r) => r,
             Err(e) => {
                 self.fail(format!("node {id}: cannot rebuild empty replica: {e}"));
@@ -913,13 +954,14 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         node.replica = Some(replica);
         node.store = S::fresh();
         node.kv = Kv::default();
-        node.conf = ConfState::default();
+        node.conf = self.initial.clone();
         node.applied = 0;
         node.applied_term = 0;
         node.snap_index = 0;
         node.reads.clear();
         node.shadow = ShadowLog::default();
         node.hard_state = HardState::default();
+        node.synced_hard_state = HardState::default();
         node.crash_in_persist = false;
         node.corrupted = false;
         node.wiped = false;
@@ -978,6 +1020,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     return;
                 }
                 self.nodes[i].hard_state = hs;
+                self.trace(|| format!("node {id} persists {hs:?}"));
             }
             if self.report.violation.is_some() {
                 return;
@@ -1000,6 +1043,8 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     self.fail(format!("node {id}: sync failed: {e}"));
                     return;
                 }
+                let node = &mut self.nodes[i];
+                node.synced_hard_state = node.hard_state;
             }
             // 2. Send.
             for m in rd.messages {

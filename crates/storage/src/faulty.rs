@@ -40,6 +40,7 @@ fn mix(seed: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+#[derive(Debug)]
 pub struct FaultyStore {
     wal: Wal<SimDisk>,
     crashed: bool,

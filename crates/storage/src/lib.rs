@@ -6,6 +6,9 @@
 //! - `faulty::FaultyStore` for the simulator: it separates written bytes from durable bytes
 //!   and, on a simulated crash, loses everything not synced (and can corrupt records).
 //!
+//! Underneath: [`record`] (the WAL record codec), [`snapshot`] (snapshot files),
+//! [`disk`] (the file-IO trait, real and simulated). Format and rules: docs/storage.md.
+//!
 //! The driver calls, for each `Ready` of a replica: `install_snapshot` (if any), `append`,
 //! `set_hard_state`, then `sync`; only after `sync` returns may the Ready's messages go out.
 

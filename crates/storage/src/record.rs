@@ -155,6 +155,14 @@ pub fn encode(out: &mut Vec<u8>, record: &Record) {
     }
 }
 
+/// Frames an arbitrary payload under any type byte, with correct checksums. For fuzzing
+/// and tests: it lets them reach the payload parsing behind the checksums.
+pub fn frame_raw(out: &mut Vec<u8>, ty: u8, payload: &[u8]) {
+    let start = begin(out);
+    out.extend_from_slice(&payload[..payload.len().min(RECORD_PAYLOAD_MAX_BYTES)]);
+    finish(out, start, ty);
+}
+
 fn begin(out: &mut Vec<u8>) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_BYTES]);

@@ -160,6 +160,21 @@ pub struct Wal<D: Disk = StdDisk> {
     failed: Option<String>,
 }
 
+impl<D: Disk> std::fmt::Debug for Wal<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("wal_dir", &self.wal_dir)
+            .field("segments", &self.segments.len())
+            .field("first_index", &(self.base + 1))
+            .field("last_index", &self.last)
+            .field("snapshot_index", &self.snapshot_index)
+            .field("hard_state", &self.hard_state)
+            .field("buffered_bytes", &self.pending.len())
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
 impl Wal<StdDisk> {
     /// Opens (or creates) the WAL and snapshots under `dir` (`dir/wal`, `dir/snap`).
     pub fn open(dir: &Path, opts: WalOptions) -> Result<Self> {
@@ -327,6 +342,9 @@ impl<D: Disk> Wal<D> {
             Some(prev_seq) => {
                 self.flush()?;
                 self.fsync_active()?;
+                // The previous segment's name too, so that no crash can keep a newer
+                // segment without an older one.
+                self.fsync_dir()?;
                 prev_seq + 1
             }
             None => 1,

@@ -109,9 +109,7 @@ fn flipped_byte_in_a_middle_record_is_reported_with_file_and_offset() {
     let offsets = record_offsets(&seg);
     let victim = offsets[offsets.len() / 2];
     flip(&seg, victim + 20);
-    let err = Wal::open(&d.0, opts(64 << 20))
-        .err()
-        .expect("must refuse to open");
+    let err = Wal::open(&d.0, opts(64 << 20)).expect_err("must refuse to open");
     match &err {
         StorageError::Corrupt { path, offset, .. } => {
             assert_eq!(Path::new(path), seg.as_path());
@@ -288,7 +286,7 @@ fn corrupt_snapshot_is_a_clear_error() {
         .unwrap()
         .path();
     flip(&file, 500);
-    let err = Wal::open(&d.0, opts(64 << 20)).err().expect("must refuse");
+    let err = Wal::open(&d.0, opts(64 << 20)).expect_err("must refuse");
     match &err {
         StorageError::Corrupt { path, detail, .. } => {
             assert_eq!(Path::new(path), file.as_path());
@@ -354,4 +352,32 @@ fn fsync_policy_none_still_writes() {
     drop(wal);
     let mut wal = Wal::open(&d.0, WalOptions::default()).unwrap();
     assert_eq!(wal.recover().unwrap().entries.len(), 5);
+}
+
+#[test]
+fn a_newest_segment_without_its_start_record_is_dropped() {
+    let d = TempDir::new("empty-last");
+    write_log(&d.0, 20, 64 << 20);
+    // A crash right after creating the next segment: its name survived, no byte did
+    // (or only part of the start record).
+    let next =
+        d.0.join("wal")
+            .join("00000000000000000002-00000000000000000021.wal");
+    fs::write(&next, [0x11u8, 0x22, 0x33]).unwrap();
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    assert_eq!(wal.recover().unwrap().entries, ents(1..=20, 1));
+    assert!(!next.exists());
+    // The same file in the middle of the log is corruption.
+    drop(wal);
+    fs::write(&next, [0x11u8, 0x22, 0x33]).unwrap();
+    fs::write(
+        d.0.join("wal")
+            .join("00000000000000000003-00000000000000000021.wal"),
+        [],
+    )
+    .unwrap();
+    assert!(matches!(
+        Wal::open(&d.0, opts(64 << 20)),
+        Err(StorageError::Corrupt { .. })
+    ));
 }

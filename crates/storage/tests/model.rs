@@ -334,8 +334,16 @@ fn small_opts(write_buffer_bytes_max: usize) -> WalOptions {
     }
 }
 
+/// 300 cases per `cargo test`; `PROPTEST_CASES=20000` for a deeper run.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn faulty_store_matches_model(ops in proptest::collection::vec(op(), 1..80)) {

@@ -27,9 +27,9 @@ mod quorum;
 mod read_only;
 
 use crate::{
-    ConfChange, ConfState, Config, ConfigError, DecodeError, Entry, EntryKind, HardState, NodeId,
-    Outgoing, Prng, ProposeError, ReadMode, ReadState, Ready, Recovered, Replica, Role, Snapshot,
-    SnapshotMeta, Status, NO_NODE,
+    ConfChange, ConfChangeItem, ConfState, Config, ConfigError, DecodeError, Entry, EntryKind,
+    HardState, NodeId, Outgoing, Prng, ProposeError, ReadMode, ReadState, Ready, Recovered,
+    Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
 };
 use conf::ConfHistory;
 use log::RaftLog;
@@ -309,9 +309,28 @@ impl Raft {
         // no new change until everything up to here, including the no-op, commits.
         self.pending_conf_index = self.log.last_index();
         self.uncommitted_bytes = 0;
-        // §8 / thesis §6.4: a no-op of our own term lets us commit (and learn) everything
-        // before it and is a prerequisite for serving reads.
-        self.append_entry(EntryKind::Noop, Vec::new());
+        // Thesis §6.4: an entry of our own term lets us commit (and learn) everything before
+        // it and is a prerequisite for serving reads. Normally a no-op; but the very first
+        // entry of a group records the founding configuration (as a ConfChange that changes
+        // nothing for the founders), so a replica that joins later with an empty log and
+        // replays it from index 1 learns whom the later ConfChange entries apply to.
+        if self.log.last_index() == 0 {
+            let founding = self.conf_state();
+            let changes = founding
+                .voters
+                .iter()
+                .map(|&v| ConfChangeItem::AddVoter(v))
+                .chain(
+                    founding
+                        .learners
+                        .iter()
+                        .map(|&l| ConfChangeItem::AddLearner(l)),
+                )
+                .collect();
+            self.append_entry(EntryKind::ConfChange, ConfChange { changes }.encode());
+        } else {
+            self.append_entry(EntryKind::Noop, Vec::new());
+        }
         self.term_start_index = self.log.last_index();
         self.pending_conf_index = self.term_start_index;
         self.replicate_dirty = true;
@@ -508,8 +527,6 @@ impl Raft {
             ProgressState::Probe => pr.paused = true,
             ProgressState::Snapshot => unreachable!("can_send is false while snapshotting"),
         }
-        // Replaying the log from index 1 needs the founding configuration it starts from.
-        let base_conf = (prev_index == 0).then(|| self.conf.at(0).clone());
         self.send(
             to,
             Body::Append {
@@ -517,7 +534,6 @@ impl Raft {
                 prev_term,
                 entries,
                 commit,
-                base_conf,
             },
         );
         true
@@ -853,13 +869,9 @@ impl Raft {
                 prev_term,
                 entries,
                 commit,
-                base_conf,
             } => {
                 self.election_elapsed = 0;
                 self.leader = from;
-                if let Some(base) = base_conf {
-                    self.adopt_base_conf(base);
-                }
                 self.handle_append(from, prev_index, prev_term, entries, commit);
             }
             Body::Heartbeat {
@@ -897,16 +909,6 @@ impl Raft {
                 self.read_states.push(ReadState { index, ctx });
             }
             _ => {}
-        }
-    }
-
-    /// A replica that joins an existing group starts with an empty log and knows nothing
-    /// of the founding members; the leader's first append from index 1 tells it, so the
-    /// ConfChange entries that follow apply to the right base.
-    fn adopt_base_conf(&mut self, base: ConfState) {
-        let empty = self.log.last_index() == 0 && self.conf.current_index() == 0;
-        if empty && !base.voters.is_empty() && *self.conf_state() != base {
-            self.conf.reset(base);
         }
     }
 
@@ -1165,11 +1167,14 @@ impl Raft {
         }
         self.progress.get_mut(&from).expect("present").recent_active = true;
         if reject {
-            let stale = match state {
-                ProgressState::Probe => index + 1 != next,
-                ProgressState::Replicate => index <= matched,
-                ProgressState::Snapshot => true,
-            };
+            // A rejection of something at or below the match point is a stale or
+            // duplicated answer (the follower already acknowledged that prefix).
+            let stale = index <= matched
+                || match state {
+                    ProgressState::Probe => index + 1 != next,
+                    ProgressState::Replicate => false,
+                    ProgressState::Snapshot => true,
+                };
             if stale || index == 0 {
                 return;
             }
@@ -1678,6 +1683,31 @@ impl Raft {
     pub fn log_entries(&self, lo: u64, hi: u64) -> Vec<Entry> {
         self.log
             .slice(lo.max(self.log.first_index()), hi, usize::MAX, usize::MAX)
+    }
+
+    /// A one-line dump of the leader's view of its followers (for test failures).
+    pub fn debug_progress(&self) -> String {
+        let mut out = format!(
+            "role={:?} elapsed={}/{} transferee={} pending_conf={} stable={} ",
+            self.role,
+            self.election_elapsed,
+            self.randomized_timeout,
+            self.lead_transferee,
+            self.pending_conf_index,
+            self.log.stable()
+        );
+        for (id, p) in &self.progress {
+            out.push_str(&format!(
+                "[{id}: {:?} m={} n={} paused={} infl={} active={}] ",
+                p.state,
+                p.matched,
+                p.next,
+                p.paused,
+                p.inflights.is_empty(),
+                p.recent_active
+            ));
+        }
+        out
     }
 
     /// The leader's transfer target, if a transfer is in progress.

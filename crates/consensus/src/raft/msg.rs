@@ -1,7 +1,7 @@
 //! Raft's peer messages. Every message carries the sender's term; `step` applies the term
 //! rules once on that field before looking at the body.
 
-use crate::{ConfState, Entry, SnapshotMeta};
+use crate::{Entry, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,9 +36,6 @@ pub enum Body {
         prev_term: u64,
         entries: Vec<Entry>,
         commit: u64,
-        /// Only when `prev_index == 0`: the configuration the log starts from (the
-        /// founding members), for a replica that joins with an empty log.
-        base_conf: Option<ConfState>,
     },
     /// On success `index` is the last index now known to match the leader. On reject it
     /// is the rejected `prev_index`, and the hint lets the leader skip a whole term at

@@ -241,7 +241,6 @@ fn garbage_and_strangers_are_ignored() {
                 prev_term: 1,
                 entries: vec![],
                 commit: u64::MAX,
-                base_conf: None,
             },
         },
     );

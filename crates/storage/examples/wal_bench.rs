@@ -1,0 +1,223 @@
+//! WAL append throughput and latency with fsync, next to the raw limit of the same disk.
+//!
+//! ```text
+//! cargo run --release -p concord-storage --example wal_bench -- --dir /tmp/walbench
+//!     [--cell-ms 2000] [--cell-batches 5000] [--cell-mib 512] [--no-fsync]
+//! ```
+//!
+//! For each record size (128 B, 1 KiB, 16 KiB) and batch size (1, 8, 64, 256, 1024):
+//! - raw: `write` of one buffer of size x batch bytes, then `fdatasync`;
+//! - raw 1 MiB: the same bytes in writes of at most 1 MiB (as the WAL hands them over),
+//!   then `fdatasync`;
+//! - wal: `append` of `batch` entries of `size` bytes of data, then `sync`;
+//!
+//! rotating (raw, wal, raw 1 MiB, then wal, raw 1 MiB, raw, ...) in one loop so both meet the same disk weather.
+//! Throughput is bytes over the time spent in that side's operations.
+//!
+//! Throughput counts entry data bytes only (the WAL's headers are its overhead), so
+//! "% of best raw" is what the WAL delivers of the better of the two raw loops.
+//! Each cell stops at whichever comes first: `--cell-ms` (both sides together),
+//! `--cell-batches` per side, `--cell-mib` written by both sides together.
+
+use concord_consensus::{Entry, EntryKind};
+use concord_storage::wal::{FsyncPolicy, Wal, WalOptions};
+use concord_storage::LogStore;
+use hdrhistogram::Histogram;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const RECORD_SIZES: [usize; 3] = [128, 1024, 16 << 10];
+const BATCH_SIZES: [usize; 5] = [1, 8, 64, 256, 1024];
+/// The WAL hands its buffer to the OS in writes of at most this size
+/// (`WRITE_BUFFER_BYTES_MAX_DEFAULT`); the "raw 1 MiB" side does the same, to tell the
+/// cost of the WAL's code from the effect of write size on this disk.
+/// Record header plus entry prefix (index, term, kind) that the WAL adds to each entry.
+const FRAMING_BYTES: usize =
+    concord_storage::record::HEADER_BYTES + concord_storage::record::ENTRY_PREFIX_BYTES;
+const WRITE_CHUNK_BYTES: usize = concord_storage::wal::WRITE_BUFFER_BYTES_MAX_DEFAULT;
+
+struct Limits {
+    /// `--no-fsync`: both sides skip fsync, to show the WAL's CPU cost alone.
+    no_fsync: bool,
+    cell: Duration,
+    batches: u64,
+    bytes: u64,
+}
+
+struct Cell {
+    bytes: u64,
+    /// Sum of the timed operations only (the two sides of a cell alternate).
+    busy: Duration,
+    hist: Histogram<u64>,
+}
+
+impl Cell {
+    fn new() -> Self {
+        Cell {
+            bytes: 0,
+            busy: Duration::ZERO,
+            // Microseconds, up to 60 s, 3 significant digits.
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+        }
+    }
+    fn record(&mut self, t: Duration, bytes: u64) {
+        self.busy += t;
+        self.bytes += bytes;
+        self.hist.saturating_record(t.as_micros() as u64);
+    }
+    fn mb_s(&self) -> f64 {
+        self.bytes as f64 / self.busy.as_secs_f64().max(1e-9) / 1e6
+    }
+    fn p(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// Runs one cell: raw batches and WAL batches alternate (in alternating order), so both
+/// see the same disk conditions on a shared, noisy machine.
+fn cell(
+    dir: &Path,
+    size: usize,
+    batch: usize,
+    l: &Limits,
+) -> Result<(Cell, Cell, Cell), Box<dyn std::error::Error>> {
+    let raw_path = dir.join(format!("raw-{size}-{batch}"));
+    let _ = fs::remove_file(&raw_path);
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&raw_path)?;
+    let buf = vec![0xA5u8; size * batch];
+    let chunked_path = dir.join(format!("raw-chunked-{size}-{batch}"));
+    let _ = fs::remove_file(&chunked_path);
+    let mut fc = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&chunked_path)?;
+
+    let wal_dir = dir.join(format!("wal-{size}-{batch}"));
+    let _ = fs::remove_dir_all(&wal_dir);
+    let mut w = Wal::open(
+        &wal_dir,
+        WalOptions {
+            fsync: if l.no_fsync {
+                FsyncPolicy::None
+            } else {
+                FsyncPolicy::EveryBatch
+            },
+            ..WalOptions::default()
+        },
+    )?;
+    let mut entries: Vec<Entry> = (0..batch)
+        .map(|_| Entry {
+            index: 0,
+            term: 1,
+            kind: EntryKind::Normal,
+            data: vec![0xA5u8; size],
+        })
+        .collect();
+    let mut next = 1u64;
+
+    let (mut raw, mut chunked, mut wal) = (Cell::new(), Cell::new(), Cell::new());
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < l.cell
+        && n < l.batches
+        && raw.bytes + chunked.bytes + wal.bytes < l.bytes
+    {
+        for side in [n % 3, (n + 1) % 3, (n + 2) % 3] {
+            if side == 2 {
+                let t = Instant::now();
+                for c in buf.chunks(WRITE_CHUNK_BYTES) {
+                    fc.write_all(c)?;
+                }
+                if !l.no_fsync {
+                    fc.sync_data()?;
+                }
+                chunked.record(t.elapsed(), buf.len() as u64);
+            } else if side == 0 {
+                let t = Instant::now();
+                f.write_all(&buf)?;
+                if !l.no_fsync {
+                    f.sync_data()?;
+                }
+                raw.record(t.elapsed(), buf.len() as u64);
+            } else {
+                for e in entries.iter_mut() {
+                    e.index = next;
+                    next += 1;
+                }
+                let t = Instant::now();
+                w.append(&entries)?;
+                let durable = w.sync()?;
+                wal.record(t.elapsed(), (size * batch) as u64);
+                assert_eq!(durable, next - 1);
+            }
+        }
+        n += 1;
+    }
+    drop(f);
+    drop(fc);
+    drop(w);
+    fs::remove_file(&raw_path)?;
+    fs::remove_file(&chunked_path)?;
+    fs::remove_dir_all(&wal_dir)?;
+    Ok((raw, chunked, wal))
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(dir) = arg(&args, "--dir").map(PathBuf::from) else {
+        eprintln!(
+            "usage: wal_bench --dir DIR [--cell-ms 2000] [--cell-batches 5000] [--cell-mib 512] [--no-fsync]"
+        );
+        std::process::exit(2);
+    };
+    let num = |name: &str, default: u64| -> Result<u64, String> {
+        arg(&args, name).map_or(Ok(default), |v| {
+            v.parse().map_err(|_| format!("{name}: not a number: {v}"))
+        })
+    };
+    let limits = Limits {
+        no_fsync: args.iter().any(|a| a == "--no-fsync"),
+        cell: Duration::from_millis(num("--cell-ms", 2000)?),
+        batches: num("--cell-batches", 5000)?,
+        bytes: num("--cell-mib", 512)? << 20,
+    };
+    fs::create_dir_all(&dir)?;
+    println!(
+        "| record | batch | WAL MB/s | WAL p50 ms | WAL p99 ms | raw MB/s | raw p50 ms | raw p99 ms | raw 1 MiB writes MB/s | WAL % of best raw | WAL on-disk MB/s (with framing) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for size in RECORD_SIZES {
+        for batch in BATCH_SIZES {
+            let (r, c, w) = cell(&dir, size, batch, &limits)?;
+            let size_label = if size >= 1024 {
+                format!("{} KiB", size / 1024)
+            } else {
+                format!("{size} B")
+            };
+            println!(
+                "| {size_label} | {batch} | {:.1} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1} | {:.0}% | {:.1} |",
+                w.mb_s(),
+                w.p(0.5),
+                w.p(0.99),
+                r.mb_s(),
+                r.p(0.5),
+                r.p(0.99),
+                c.mb_s(),
+                100.0 * w.mb_s() / r.mb_s().max(c.mb_s()),
+                w.mb_s() * (size + FRAMING_BYTES) as f64 / size as f64
+            );
+        }
+    }
+    Ok(())
+}
