@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "concord", version, about = "Consensus-replicated services in one binary")]
+#[command(
+    name = "concord",
+    version,
+    about = "Consensus-replicated services in one binary"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -85,10 +89,7 @@ struct StartArgs {
 #[derive(Args)]
 struct StatusArgs {
     /// Admin HTTP endpoints, comma separated.
-    #[arg(
-        long,
-        default_value = "127.0.0.1:2381,127.0.0.1:2481,127.0.0.1:2581"
-    )]
+    #[arg(long, default_value = "127.0.0.1:2381,127.0.0.1:2481,127.0.0.1:2581")]
     endpoints: String,
     /// Print the raw JSON of each node.
     #[arg(long)]
@@ -107,6 +108,7 @@ fn init_logging() {
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -286,10 +288,7 @@ fn start_config(a: StartArgs) -> Result<NodeConfig, String> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("--config {}: {e}", path.display()))?;
-            Some(
-                NodeConfig::from_toml(&text)
-                    .map_err(|e| format!("{}: {e}", path.display()))?,
-            )
+            Some(NodeConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?)
         }
         None => None,
     };
@@ -382,7 +381,12 @@ async fn start(a: StartArgs) -> Result<(), String> {
 async fn status(a: StatusArgs) -> Result<(), String> {
     let mut failed = 0;
     let mut reports = Vec::new();
-    for ep in a.endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for ep in a
+        .endpoints
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         let ep = ep
             .strip_prefix("http://")
             .unwrap_or(ep)

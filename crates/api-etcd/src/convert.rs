@@ -165,20 +165,6 @@ fn txn_request_at(t: pb::TxnRequest, depth: usize) -> Result<kv::TxnRequest, Sta
     })
 }
 
-/// True when a transaction (at any nesting level) contains only reads, so it can be served
-/// by a read barrier and a local evaluation instead of a log entry.
-pub fn txn_is_read_only(t: &pb::TxnRequest) -> bool {
-    use pb::request_op::Request;
-    t.success
-        .iter()
-        .chain(t.failure.iter())
-        .all(|op| match &op.request {
-            Some(Request::RequestRange(_)) => true,
-            Some(Request::RequestTxn(inner)) => txn_is_read_only(inner),
-            _ => false,
-        })
-}
-
 // ------------------------------------------------------------------ KV: service -> wire
 
 pub fn key_value(k: kv::KeyValue) -> mvccpb::KeyValue {
@@ -270,5 +256,67 @@ pub fn txn_response(r: kv::TxnResponse, h: &HeaderStamp) -> pb::TxnResponse {
                 }),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(depth: usize) -> pb::TxnRequest {
+        let mut t = pb::TxnRequest::default();
+        for _ in 1..depth {
+            t = pb::TxnRequest {
+                success: vec![pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestTxn(t)),
+                }],
+                ..Default::default()
+            };
+        }
+        t
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        assert!(txn_request(nested(TXN_NESTING_MAX)).is_ok());
+        let err = txn_request(nested(TXN_NESTING_MAX + 1)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(err.message(), "etcdserver: txn nested too deeply");
+    }
+
+    #[test]
+    fn empty_op_and_bad_enums_are_refused() {
+        let t = pb::TxnRequest {
+            success: vec![pb::RequestOp { request: None }],
+            ..Default::default()
+        };
+        assert_eq!(
+            txn_request(t).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        let t = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                target: 42,
+                key: b"k".to_vec(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(txn_request(t)
+            .unwrap_err()
+            .message()
+            .contains("compare target"));
+    }
+
+    #[test]
+    fn missing_compare_operand_is_the_zero_value() {
+        let c = compare(pb::Compare {
+            target: pb::compare::CompareTarget::Version as i32,
+            key: b"k".to_vec(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.target, kv::CompareTarget::Version(0));
+        assert_eq!(c.result, kv::CompareResult::Equal);
     }
 }

@@ -58,6 +58,10 @@ struct Cluster {
     partitioned: BTreeSet<NodeId>,
     leaders: BTreeMap<u64, NodeId>,
     next_value: u64,
+    /// Read ctx -> the highest index any node had applied when the read was issued.
+    /// Linearizability of reads: the answer's index must be at least that.
+    reads: BTreeMap<u64, u64>,
+    next_read: u64,
 }
 
 impl Cluster {
@@ -72,8 +76,11 @@ impl Cluster {
             cfg.check_quorum = rng.range(0, 2) == 0;
             cfg.max_inflight_msgs = rng.range(1, 8) as usize;
             cfg.max_batch_entries = rng.range(1, 6) as usize;
-            cfg.snapshot_chunk_bytes = rng.range(1, 64) as usize;
+            cfg.snapshot_chunk_bytes = rng.range(64, 512) as usize;
             cfg.inject_bug = bug.map(str::to_string);
+            if cfg.check_quorum && rng.range(0, 2) == 0 {
+                cfg.read_mode = concord_consensus::ReadMode::Lease;
+            }
             let raft = Raft::create(cfg.clone(), conf.clone(), Recovered::default()).unwrap();
             nodes.insert(
                 id,
@@ -93,6 +100,8 @@ impl Cluster {
             partitioned: BTreeSet::new(),
             leaders: BTreeMap::new(),
             next_value: 0,
+            reads: BTreeMap::new(),
+            next_read: 0,
         }
     }
 
@@ -103,14 +112,16 @@ impl Cluster {
         }
         let rd = n.raft.ready();
         if let Some(s) = &rd.snapshot {
-            n.disk.entries.retain(|e| e.index > s.meta.index);
-            if n.disk
+            // As LogStore::install_snapshot: keep the suffix only if the log continues from
+            // the snapshot with a matching term.
+            let continues = n
+                .disk
                 .entries
-                .first()
-                .is_some_and(|e| e.index != s.meta.index + 1)
-            {
-                n.disk.entries.clear();
-            }
+                .iter()
+                .any(|e| e.index == s.meta.index && e.term == s.meta.term);
+            n.disk
+                .entries
+                .retain(|e| continues && e.index > s.meta.index);
             n.disk.snapshot = Some(s.clone());
             n.applied = decode_applied(&s.data);
         }
@@ -121,8 +132,47 @@ impl Cluster {
         if let Some(hs) = rd.hard_state {
             n.disk.hs = hs;
         }
+        {
+            let mut prev = n
+                .disk
+                .snapshot
+                .as_ref()
+                .map_or((0, 0), |s| (s.meta.index, s.meta.term));
+            for e in &n.disk.entries {
+                assert!(
+                    e.index == prev.0 + 1 && e.term >= prev.1,
+                    "node {id}: disk inconsistent at {:?} after ready snap={:?} entries={:?}",
+                    (e.index, e.term),
+                    rd.snapshot.as_ref().map(|s| (s.meta.index, s.meta.term)),
+                    rd.entries
+                        .iter()
+                        .map(|e| (e.index, e.term))
+                        .collect::<Vec<_>>()
+                );
+                prev = (e.index, e.term);
+            }
+        }
         for m in rd.messages {
+            if std::env::var_os("CHAOS_TRACE").is_some() {
+                eprintln!("send {id}->{} t{} {:?}", m.to, m.msg.term, m.msg.body);
+            }
             self.inflight.push((id, m.to, m.msg));
+        }
+        for r in rd.read_states {
+            let ctx = u64::from_le_bytes(r.ctx[..8].try_into().unwrap());
+            let floor = self.reads.remove(&ctx).unwrap_or(0);
+            if std::env::var_os("CHAOS_DEBUG").is_some() {
+                eprintln!(
+                    "read at {id}: index {} floor {floor} term {}",
+                    r.index,
+                    n.raft.status().term
+                );
+            }
+            assert!(
+                r.index >= floor,
+                "stale read: index {} but index {floor} was applied before the read",
+                r.index
+            );
         }
         for e in rd.committed {
             if e.kind == EntryKind::Normal {
@@ -171,7 +221,16 @@ impl Cluster {
             entries: d.entries,
             applied,
         };
-        n.raft = Raft::create(n.cfg.clone(), initial, rec).unwrap();
+        let dbg = format!(
+            "snap={:?} entries={:?} hs={:?}",
+            rec.snapshot.as_ref().map(|s| (s.meta.index, s.meta.term)),
+            rec.entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
+            rec.hard_state
+        );
+        n.raft = Raft::create(n.cfg.clone(), initial, rec).expect(&dbg);
     }
 
     fn check(&mut self) {
@@ -198,15 +257,18 @@ impl Cluster {
 
     fn step(&mut self, faults: bool) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        let r = self.rng.range(0, 100);
+        let r = self.rng.range(0, 1000);
         match r {
-            0..=9 => {
-                let id = ids[self.rng.range(0, ids.len() as u64) as usize];
-                if self.nodes[&id].up {
-                    self.nodes.get_mut(&id).unwrap().raft.tick();
+            0..=49 => {
+                // Time passes for everyone (each node's clock may skip a tick: drift).
+                for id in &ids {
+                    if self.rng.range(0, 10) != 0 {
+                        self.nodes.get_mut(id).unwrap().raft.tick();
+                    }
                 }
             }
-            10..=59 => {
+            50..=149 => {}
+            150..=549 => {
                 // Reordering: deliver a few random in-flight messages.
                 for _ in 0..8 {
                     if self.inflight.is_empty() {
@@ -216,34 +278,47 @@ impl Cluster {
                     let (from, to, m) = self.inflight.swap_remove(i);
                     let cut = self.partitioned.contains(&from) != self.partitioned.contains(&to);
                     let lost = faults && self.rng.range(0, 10) == 0;
+                    if (cut || lost) && std::env::var_os("CHAOS_TRACE").is_some() {
+                        eprintln!("drop {from}->{to} cut={cut} lost={lost} {:?}", m.body);
+                    }
                     if !cut && !lost && self.nodes[&to].up {
                         if faults && self.rng.range(0, 20) == 0 {
                             self.inflight.push((from, to, m.clone()));
+                        }
+                        if std::env::var_os("CHAOS_TRACE").is_some() {
+                            eprintln!("deliver {from}->{to} t{} {:?}", m.term, m.body);
                         }
                         self.nodes.get_mut(&to).unwrap().raft.step(from, m);
                     }
                 }
             }
-            60..=79 => {
+            550..=749 => {
                 for id in ids {
                     self.process_ready(id);
                 }
             }
-            80..=89 => {
+            750..=899 => {
+                // The leader of the highest term (a deposed one may not know it yet).
                 let leader = self
                     .nodes
                     .values_mut()
-                    .find(|n| n.up && n.raft.status().role == Role::Leader);
+                    .filter(|n| n.up && n.raft.status().role == Role::Leader)
+                    .max_by_key(|n| n.raft.status().term);
                 if let Some(n) = leader {
                     self.next_value += 1;
-                    let _ = n.raft.propose(format!("v{}", self.next_value).into_bytes());
+                    let r = n.raft.propose(format!("v{}", self.next_value).into_bytes());
+                    if std::env::var_os("CHAOS_DEBUG").is_some() {
+                        eprintln!("propose: {r:?}");
+                    }
+                } else if std::env::var_os("CHAOS_DEBUG").is_some() {
+                    eprintln!("propose: no leader");
                 }
             }
-            90..=91 if faults => {
+            900 if faults => {
                 let id = ids[self.rng.range(0, ids.len() as u64) as usize];
                 self.crash(id);
             }
-            92..=93 if faults => {
+            901 if faults => {
                 self.partitioned.clear();
                 for &id in &ids {
                     if self.rng.range(0, 3) == 0 {
@@ -251,12 +326,14 @@ impl Cluster {
                     }
                 }
             }
-            94 if faults => {
+            902 if faults => {
                 // Membership: demote or promote node 5 (or remove/re-add) when possible.
+                // The leader of the highest term (a deposed one may not know it yet).
                 let leader = self
                     .nodes
                     .values_mut()
-                    .find(|n| n.up && n.raft.status().role == Role::Leader);
+                    .filter(|n| n.up && n.raft.status().role == Role::Leader)
+                    .max_by_key(|n| n.raft.status().term);
                 if let Some(n) = leader {
                     let conf = n.raft.conf().clone();
                     let target = 5;
@@ -270,11 +347,13 @@ impl Cluster {
                     });
                 }
             }
-            95 if faults => {
+            903 if faults => {
+                // The leader of the highest term (a deposed one may not know it yet).
                 let leader = self
                     .nodes
                     .values_mut()
-                    .find(|n| n.up && n.raft.status().role == Role::Leader);
+                    .filter(|n| n.up && n.raft.status().role == Role::Leader)
+                    .max_by_key(|n| n.raft.status().term);
                 if let Some(n) = leader {
                     let to = self.rng.range(1, 6);
                     n.raft.transfer_leader(to);
@@ -282,8 +361,18 @@ impl Cluster {
             }
             _ => {
                 let id = ids[self.rng.range(0, ids.len() as u64) as usize];
+                let floor = self
+                    .nodes
+                    .values()
+                    .filter_map(|n| n.applied.last().map(|(i, _)| *i))
+                    .max()
+                    .unwrap_or(0);
+                self.next_read += 1;
+                let ctx = self.next_read;
                 if let Some(n) = self.nodes.get_mut(&id) {
-                    let _ = n.raft.read_index(b"r".to_vec());
+                    if n.raft.read_index(ctx.to_le_bytes().to_vec()).is_ok() {
+                        self.reads.insert(ctx, floor);
+                    }
                 }
             }
         }
@@ -307,8 +396,30 @@ impl Cluster {
 
 fn run_seed(seed: u64, bug: Option<&str>) {
     let mut c = Cluster::new(seed, 5, bug);
-    for _ in 0..3000 {
+    for i in 0..3000 {
         c.step(true);
+        if std::env::var_os("CHAOS_DEBUG").is_some() && i % 250 == 0 {
+            let mut h: BTreeMap<&'static str, usize> = BTreeMap::new();
+            for (_, _, m) in &c.inflight {
+                *h.entry(m.body.name()).or_default() += 1;
+            }
+            eprintln!("step {i}: inflight {h:?} commit {}", c.max_commit());
+            for n in c.nodes.values() {
+                let st = n.raft.status();
+                eprintln!(
+                    "   {} {:?} t{} lead{} c{} last{} voters{:?} part={} | {}",
+                    st.id,
+                    st.role,
+                    st.term,
+                    st.leader,
+                    st.commit,
+                    st.last_index,
+                    st.conf.voters,
+                    c.partitioned.contains(&st.id),
+                    n.raft.debug_progress()
+                );
+            }
+        }
     }
     // Liveness: heal everything and make sure new proposals commit.
     c.partitioned.clear();

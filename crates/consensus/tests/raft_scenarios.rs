@@ -232,14 +232,13 @@ impl Harness {
         let rd = n.raft.ready();
         let st = &mut n.storage;
         if let Some(s) = &rd.snapshot {
-            st.entries.retain(|e| e.index > s.meta.index);
-            if st
+            // As LogStore::install_snapshot: keep the suffix only if the log continues from
+            // the snapshot with a matching term.
+            let continues = st
                 .entries
-                .first()
-                .is_some_and(|e| e.index != s.meta.index + 1)
-            {
-                st.entries.clear();
-            }
+                .iter()
+                .any(|e| e.index == s.meta.index && e.term == s.meta.term);
+            st.entries.retain(|e| continues && e.index > s.meta.index);
             st.snapshot = Some(s.clone());
             n.sm = decode_sm(&s.data);
         }

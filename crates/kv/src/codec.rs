@@ -116,3 +116,93 @@ impl Command {
 pub(crate) fn to_postcard<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("plain data serialises")
 }
+
+/// Serde helpers that write byte strings with `serialize_bytes` instead of as a sequence of
+/// `u8`. Postcard encodes both the same way (varint length, raw bytes), so the wire format
+/// does not change, but encoding and decoding become a copy instead of a loop per byte
+/// (snapshot encoding was ~8x slower without this).
+pub(crate) mod bytes {
+    use std::fmt;
+
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    /// Upper bound on bytes reserved up front when a format gives a sequence length.
+    const PREALLOC_BYTES_MAX: usize = 64 * 1024;
+
+    pub(crate) fn serialize<S: Serializer, T: AsRef<[u8]>>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v.as_ref())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>, T: From<Vec<u8>>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor).map(T::from)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let hint = seq.size_hint().unwrap_or(0).min(PREALLOC_BYTES_MAX);
+            let mut out = Vec::with_capacity(hint);
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    /// A borrowed byte string that serialises with [`serialize`].
+    pub(crate) struct Ref<'a>(pub(crate) &'a [u8]);
+
+    impl serde::Serialize for Ref<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+
+    /// An owned boxed byte string that deserialises with [`deserialize`].
+    pub(crate) struct Owned(pub(crate) Box<[u8]>);
+
+    impl<'de> serde::Deserialize<'de> for Owned {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            deserialize(d).map(Owned)
+        }
+    }
+
+    /// The same for `Option<Box<[u8]>>` (a version's value, `None` for a tombstone).
+    pub(crate) mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub(crate) fn serialize<S: Serializer>(
+            v: &Option<Box<[u8]>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(b) => s.serialize_some(&super::Ref(b)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Box<[u8]>>, D::Error> {
+            Ok(Option::<super::Owned>::deserialize(d)?.map(|o| o.0))
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::to_postcard;
+use crate::codec::{bytes, to_postcard};
 use crate::error::KvError;
 use crate::store::{History, KvConfig, KvStore, Lease};
 use crate::types::{LeaseId, Revision, NO_LEASE};
@@ -21,8 +21,17 @@ struct BodyRef<'a> {
     applied_index: u64,
     revision: Revision,
     compact_revision: Revision,
-    keys: &'a BTreeMap<Box<[u8]>, History>,
+    keys: KeysRef<'a>,
     leases: &'a BTreeMap<LeaseId, Lease>,
+}
+
+/// The key map written as a sequence of (key bytes, history) pairs.
+struct KeysRef<'a>(&'a BTreeMap<Box<[u8]>, History>);
+
+impl Serialize for KeysRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(k, h)| (bytes::Ref(k), h)))
+    }
 }
 
 #[derive(Deserialize)]
@@ -30,7 +39,7 @@ struct BodyOwned {
     applied_index: u64,
     revision: Revision,
     compact_revision: Revision,
-    keys: Vec<(Box<[u8]>, History)>,
+    keys: Vec<(bytes::Owned, History)>,
     leases: Vec<(LeaseId, Lease)>,
 }
 
@@ -43,7 +52,7 @@ impl KvStore {
             applied_index: self.applied_index,
             revision: self.revision,
             compact_revision: self.compact_revision,
-            keys: &self.keys,
+            keys: KeysRef(&self.keys),
             leases: &self.leases,
         });
         let mut out = Vec::with_capacity(HEADER_BYTES + body.len() + TRAILER_BYTES);
@@ -109,7 +118,7 @@ impl KvStore {
         store.revision = b.revision;
         store.compact_revision = b.compact_revision;
         let mut prev_key: Option<&[u8]> = None;
-        for (key, _) in &b.keys {
+        for (bytes::Owned(key), _) in &b.keys {
             if prev_key.is_some_and(|p| p >= &**key) {
                 return Err(corrupt("keys not strictly ascending".into()));
             }
@@ -123,11 +132,11 @@ impl KvStore {
             store.lease_deadlines.insert((lease.deadline_ms, id));
             store.leases.insert(id, lease);
         }
-        for (key, hist) in b.keys {
+        for (bytes::Owned(key), hist) in &b.keys {
             if let Some(last) = hist.last() {
                 store.version_count += hist.len() as u64;
                 store.payload_bytes += key.len() as u64;
-                for v in &hist {
+                for v in hist {
                     store.payload_bytes += v.value.as_deref().map_or(0, |v| v.len()) as u64;
                 }
                 if last.value.is_some() {
@@ -143,39 +152,20 @@ impl KvStore {
                     }
                 }
             }
-            store.keys.insert(key, hist);
         }
+        // Keys were checked strictly ascending above, so this is a bulk build, not a
+        // million separate inserts.
+        store.keys = b.keys.into_iter().map(|(k, h)| (k.0, h)).collect();
         store.verify().map_err(corrupt)?;
         Ok(store)
     }
 }
 
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bitwise-table variant.
+/// CRC-32C (Castagnoli), the same checksum the storage crate puts on WAL records; the
+/// `crc32c` crate uses the CPU's instruction where there is one (a table-driven loop took
+/// 2 s for a 289 MiB snapshot).
 pub(crate) fn crc32c(data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    (c >> 1) ^ 0x82F6_3B78
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            table[i] = c;
-            i += 1;
-        }
-        table
-    };
-    let mut crc = !0u32;
-    for &b in data {
-        crc = TABLE[((crc ^ b as u32) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
+    crc32c::crc32c(data)
 }
 
 #[cfg(test)]

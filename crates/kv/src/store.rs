@@ -13,7 +13,8 @@ use crate::types::*;
 /// because they decide whether a command succeeds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvConfig {
-    /// Longest key accepted by a put.
+    /// Longest key accepted by a put. etcd bounds keys only by its request limit
+    /// (1.5 MiB), so the default is the same: nothing etcd accepts is refused here.
     pub key_bytes_max: usize,
     /// Longest value accepted by a put (etcd's default request limit is 1.5 MiB).
     pub value_bytes_max: usize,
@@ -31,7 +32,7 @@ pub struct KvConfig {
 impl Default for KvConfig {
     fn default() -> Self {
         KvConfig {
-            key_bytes_max: 32 * 1024,
+            key_bytes_max: 3 * 512 * 1024,
             value_bytes_max: 3 * 512 * 1024,
             txn_ops_max: 128,
             lease_ttl_min_secs: 1,
@@ -85,6 +86,7 @@ pub(crate) struct Version {
     pub(crate) create_rev: Revision,
     pub(crate) version: i64,
     pub(crate) lease: LeaseId,
+    #[serde(with = "crate::codec::bytes::option")]
     pub(crate) value: Option<Box<[u8]>>,
 }
 
@@ -283,11 +285,23 @@ impl KvStore {
             };
         }
         self.applied_index = index;
+        let revision_before = self.revision;
         let mut events = Vec::new();
         let result = self.apply_command(index, cmd, &mut events);
-        debug_assert!(
-            result.is_ok() || events.is_empty(),
-            "failed command had events"
+        // Cheap exit checks, kept in release builds: a failed command changed nothing, and
+        // every event lies in the revisions this command added, in order.
+        assert!(
+            result.is_ok() || (events.is_empty() && self.revision == revision_before),
+            "failed command changed the store"
+        );
+        assert!(
+            events
+                .windows(2)
+                .all(|w| (w[0].revision(), &w[0].kv.key) < (w[1].revision(), &w[1].kv.key))
+                && events
+                    .iter()
+                    .all(|e| e.revision() > revision_before && e.revision() <= self.revision),
+            "events out of order or outside the command's revisions"
         );
         // The full check is O(keys); in debug builds it runs while the store is small
         // (unit, model and simulator tests) and stays out of the way of large ones.
@@ -299,6 +313,31 @@ impl KvStore {
             revision: self.revision,
             result,
             events,
+        }
+    }
+
+    /// Decodes a committed entry's bytes and applies them. Bytes that do not decode fail
+    /// the same way on every replica: the entry counts as applied and the answer is the
+    /// [`KvError::Decode`] error.
+    pub fn apply_entry(&mut self, index: u64, data: &[u8]) -> Response {
+        match Command::decode(data) {
+            Ok(cmd) => self.apply(index, cmd),
+            Err(e) => {
+                let result = if self.advance_applied(index) {
+                    Err(e)
+                } else {
+                    Err(KvError::AlreadyApplied {
+                        index,
+                        applied_index: self.applied_index,
+                    })
+                };
+                Response {
+                    index,
+                    revision: self.revision,
+                    result,
+                    events: Vec::new(),
+                }
+            }
         }
     }
 
@@ -752,10 +791,6 @@ impl KvStore {
         let Some(bounds) = key_bounds(&req.key, &req.range_end) else {
             return Ok(resp);
         };
-        let filtered = req.min_mod_revision > 0
-            || req.max_mod_revision > 0
-            || req.min_create_revision > 0
-            || req.max_create_revision > 0;
         let sort_order = match (req.sort_order, req.sort_target) {
             (SortOrder::None, SortTarget::Key) => SortOrder::None,
             (SortOrder::None, _) => SortOrder::Ascend,
@@ -769,6 +804,9 @@ impl KvStore {
             None
         };
         let mut count: i64 = 0;
+        // Sorted results are chosen on references and only the kept ones are copied out, so
+        // "newest 10 of a million keys" does not clone a million values.
+        let mut picked: Vec<(&[u8], &Version)> = Vec::new();
         for (key, hist) in self.keys.range::<[u8], _>(bounds) {
             let Some(v) = live_at(hist, read_rev) else {
                 continue;
@@ -786,47 +824,41 @@ impl KvStore {
             }
             // Without sorting, keys arrive in order, so one past the limit is enough to
             // know there are more; the scan goes on only to count.
-            if !sorted && limit.is_some_and(|l| resp.kvs.len() >= l) {
+            if !sorted && limit.is_some_and(|l| picked.len() >= l) {
                 resp.more = true;
                 continue;
             }
-            // A value sort needs values even when the caller wants keys only.
-            let need_value = !req.keys_only || req.sort_target == SortTarget::Value;
-            resp.kvs.push(v.to_kv(key, !need_value));
+            picked.push((key, v));
         }
         resp.count = count;
-        let _ = filtered;
         if sorted {
-            let key_fn = |kv: &KeyValue| -> (i64, Vec<u8>) {
-                match req.sort_target {
-                    SortTarget::Key => (0, Vec::new()),
-                    SortTarget::Version => (kv.version, Vec::new()),
-                    SortTarget::Create => (kv.create_revision, Vec::new()),
-                    SortTarget::Mod => (kv.mod_revision, Vec::new()),
-                    SortTarget::Value => (0, kv.value.clone()),
-                }
+            let num = |v: &Version| match req.sort_target {
+                SortTarget::Version => v.version,
+                SortTarget::Create => v.create_rev,
+                SortTarget::Mod => v.mod_rev,
+                SortTarget::Key | SortTarget::Value => 0,
             };
+            // Stable sorts: ties stay in key order.
             match (req.sort_target, sort_order) {
-                (SortTarget::Key, SortOrder::Descend) => resp.kvs.reverse(),
+                (SortTarget::Key, SortOrder::Descend) => picked.reverse(),
                 (SortTarget::Value, SortOrder::Descend) => {
-                    resp.kvs.sort_by(|a, b| b.value.cmp(&a.value))
+                    picked.sort_by(|a, b| b.1.value.cmp(&a.1.value))
                 }
-                (SortTarget::Value, _) => resp.kvs.sort_by(|a, b| a.value.cmp(&b.value)),
-                (_, SortOrder::Descend) => resp.kvs.sort_by_key(|kv| std::cmp::Reverse(key_fn(kv))),
-                _ => resp.kvs.sort_by_key(key_fn),
+                (SortTarget::Value, _) => picked.sort_by(|a, b| a.1.value.cmp(&b.1.value)),
+                (_, SortOrder::Descend) => picked.sort_by_key(|a| std::cmp::Reverse(num(a.1))),
+                _ => picked.sort_by_key(|a| num(a.1)),
             }
             if let Some(l) = limit {
-                if resp.kvs.len() > l {
-                    resp.kvs.truncate(l);
+                if picked.len() > l {
+                    picked.truncate(l);
                     resp.more = true;
                 }
             }
-            if req.keys_only {
-                for kv in &mut resp.kvs {
-                    kv.value = Vec::new();
-                }
-            }
         }
+        resp.kvs = picked
+            .into_iter()
+            .map(|(key, v)| v.to_kv(key, req.keys_only))
+            .collect();
         resp.header = self.header();
         Ok(resp)
     }
@@ -1075,7 +1107,8 @@ impl KvStore {
         let Some(bounds) = key_bounds(key, range_end) else {
             return Ok(Vec::new());
         };
-        if limit == 0 {
+        // Nothing after the head yet: spare a new watcher a scan of its whole range.
+        if limit == 0 || revision > self.revision {
             return Ok(Vec::new());
         }
         // Keep the `limit` smallest (revision, key) positions: a max-heap whose top is the
@@ -1109,6 +1142,45 @@ impl KvStore {
             })
             .collect();
         Ok(events)
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Consistency checking between replicas
+
+    /// A checksum of the keyspace history up to `revision` (0 = current), as etcd's
+    /// `Maintenance.HashKV`: replicas that applied the same log agree on it (the value is
+    /// not etcd's, only comparable between Concord members). Covers every stored version
+    /// with `mod_rev <= revision`: key, revisions, version, lease, value or tombstone.
+    pub fn hash_kv(&self, revision: Revision) -> Result<HashKv, KvError> {
+        self.check_read_revision(revision)?;
+        let rev = if revision > 0 {
+            revision
+        } else {
+            self.revision
+        };
+        let mut crc = 0u32;
+        for (key, hist) in &self.keys {
+            for v in hist.iter().take_while(|v| v.mod_rev <= rev) {
+                crc = crc32c::crc32c_append(crc, &(key.len() as u64).to_le_bytes());
+                crc = crc32c::crc32c_append(crc, key);
+                for n in [v.mod_rev, v.create_rev, v.version, v.lease] {
+                    crc = crc32c::crc32c_append(crc, &n.to_le_bytes());
+                }
+                match &v.value {
+                    Some(val) => {
+                        crc = crc32c::crc32c_append(crc, &[1]);
+                        crc = crc32c::crc32c_append(crc, &(val.len() as u64).to_le_bytes());
+                        crc = crc32c::crc32c_append(crc, val);
+                    }
+                    None => crc = crc32c::crc32c_append(crc, &[0]),
+                }
+            }
+        }
+        Ok(HashKv {
+            hash: crc,
+            revision: rev,
+            compact_revision: self.compact_revision,
+        })
     }
 
     // -----------------------------------------------------------------------------------

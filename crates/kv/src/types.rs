@@ -18,6 +18,7 @@ pub const NO_LEASE: LeaseId = 0;
 /// One version of one key, as etcd's `mvccpb.KeyValue`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KeyValue {
+    #[serde(with = "crate::codec::bytes")]
     pub key: Vec<u8>,
     /// Revision of the last creation of this key (0 for a deletion event's `kv`).
     pub create_revision: Revision,
@@ -26,6 +27,7 @@ pub struct KeyValue {
     /// Number of modifications since creation; 1 on creation, reset by a delete.
     pub version: i64,
     /// Empty when the request was `keys_only`, and for a deletion event's `kv`.
+    #[serde(with = "crate::codec::bytes")]
     pub value: Vec<u8>,
     pub lease: LeaseId,
 }
@@ -95,7 +97,9 @@ pub enum SortTarget {
 /// plus one (see [`prefix_end`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeRequest {
+    #[serde(with = "crate::codec::bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "crate::codec::bytes")]
     pub range_end: Vec<u8>,
     /// Maximum number of keys returned; 0 means no limit.
     pub limit: i64,
@@ -129,7 +133,9 @@ pub struct RangeResponse {
 /// A write of one key, as etcd's `PutRequest`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutRequest {
+    #[serde(with = "crate::codec::bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "crate::codec::bytes")]
     pub value: Vec<u8>,
     /// Lease to attach the key to; 0 detaches it.
     pub lease: LeaseId,
@@ -151,7 +157,9 @@ pub struct PutResponse {
 /// [`RangeRequest`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteRangeRequest {
+    #[serde(with = "crate::codec::bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "crate::codec::bytes")]
     pub range_end: Vec<u8>,
     pub prev_kv: bool,
 }
@@ -182,7 +190,7 @@ pub enum CompareTarget {
     Version(i64),
     CreateRevision(Revision),
     ModRevision(Revision),
-    Value(Vec<u8>),
+    Value(#[serde(with = "crate::codec::bytes")] Vec<u8>),
     Lease(LeaseId),
 }
 
@@ -191,7 +199,9 @@ pub enum CompareTarget {
 /// every `Value` comparison (as etcd).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Compare {
+    #[serde(with = "crate::codec::bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "crate::codec::bytes")]
     pub range_end: Vec<u8>,
     pub result: CompareResult,
     pub target: CompareTarget,
@@ -297,6 +307,15 @@ pub struct KvStatus {
     /// Estimated in-memory size in bytes: payload plus a per-version overhead estimate.
     pub db_size_bytes: u64,
     pub lease_count: u64,
+}
+
+/// Answer of [`crate::KvStore::hash_kv`], as etcd's `HashKVResponse`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashKv {
+    pub hash: u32,
+    /// The revision the hash covers up to.
+    pub revision: Revision,
+    pub compact_revision: Revision,
 }
 
 // ---------------------------------------------------------------------------------------

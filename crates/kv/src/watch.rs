@@ -11,7 +11,7 @@
 //! nothing is lost unless compaction overtakes its cursor, and then it is cancelled with
 //! [`WatchCancelReason::Compacted`].
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::error::KvError;
 use crate::store::{key_in_range, KvStore};
@@ -30,6 +30,11 @@ pub struct WatchConfig {
     /// Most event bytes (keys and values, with prev_kv) queued per watcher before it turns
     /// lagging; one event is always accepted into an empty queue, however large.
     pub queue_bytes_max: usize,
+    /// Most recently published events the hub keeps so that a watcher lagging only a
+    /// little catches up from them instead of scanning the store's history.
+    pub recent_events_max: usize,
+    /// Most bytes of recently published events kept (same measure as `queue_bytes_max`).
+    pub recent_bytes_max: usize,
 }
 
 impl Default for WatchConfig {
@@ -38,6 +43,8 @@ impl Default for WatchConfig {
             watchers_max: 100_000,
             queue_events_max: 1024,
             queue_bytes_max: 4 * 1024 * 1024,
+            recent_events_max: 4096,
+            recent_bytes_max: 16 * 1024 * 1024,
         }
     }
 }
@@ -140,10 +147,69 @@ fn event_bytes(e: &Event, with_prev: bool) -> usize {
     e.kv.key.len() + e.kv.value.len() + prev
 }
 
+/// A bounded suffix of the published event stream: every published event at a position
+/// at or after `(start_rev, start_key)` is in `events` (the stream is in position order,
+/// so dropping the oldest just moves the start past it).
+struct Recent {
+    events: VecDeque<Event>,
+    bytes: usize,
+    start_rev: Revision,
+    start_key: Vec<u8>,
+}
+
+impl Recent {
+    /// Forgets everything; the next published revision starts the suffix again.
+    fn restart(&mut self, next_rev: Revision) {
+        self.events.clear();
+        self.bytes = 0;
+        self.start_rev = next_rev;
+        self.start_key.clear();
+    }
+
+    fn push(&mut self, cfg: &WatchConfig, e: &Event) {
+        self.bytes += event_bytes(e, true);
+        self.events.push_back(e.clone());
+        while self.events.len() > cfg.recent_events_max || self.bytes > cfg.recent_bytes_max {
+            let old = self
+                .events
+                .pop_front()
+                .expect("non-empty while over a limit");
+            self.bytes -= event_bytes(&old, true);
+            self.start_rev = old.revision();
+            self.start_key = old.kv.key;
+            self.start_key.push(0);
+        }
+    }
+
+    fn covers(&self, rev: Revision, key: &[u8]) -> bool {
+        (rev, key) >= (self.start_rev, self.start_key.as_slice())
+    }
+
+    /// The same answer `KvStore::events_from` gives, for a position this suffix covers.
+    fn read(&self, w: &Watcher, limit: usize) -> Vec<Event> {
+        self.events
+            .iter()
+            .filter(|e| {
+                w.not_before_cursor(e) && key_in_range(&e.kv.key, &w.req.key, &w.req.range_end)
+            })
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+}
+
 /// Registered watchers and their bounded queues. See the module doc.
 pub struct WatchHub {
     config: WatchConfig,
     watchers: BTreeMap<WatchId, Watcher>,
+    /// Watchers of a single key, by key: `publish` looks these up per event.
+    by_key: BTreeMap<Vec<u8>, BTreeSet<WatchId>>,
+    /// Watchers of a range: `publish` checks each against every event.
+    ranged: BTreeSet<WatchId>,
+    recent: Recent,
+    /// Lagging watchers that polled while the store was ahead of what was published, so
+    /// could not finish catching up; the next `publish` reports them ready.
+    wake_on_publish: BTreeSet<WatchId>,
     next_id: WatchId,
     /// The store revision up to which `publish` has delivered; a watcher may only turn
     /// synced when the store is at this revision (else it would miss what was not published).
@@ -156,6 +222,15 @@ impl WatchHub {
         WatchHub {
             config,
             watchers: BTreeMap::new(),
+            by_key: BTreeMap::new(),
+            ranged: BTreeSet::new(),
+            recent: Recent {
+                events: VecDeque::new(),
+                bytes: 0,
+                start_rev: store.revision() + 1,
+                start_key: Vec::new(),
+            },
+            wake_on_publish: BTreeSet::new(),
             next_id: 1,
             published_revision: store.revision(),
         }
@@ -193,6 +268,11 @@ impl WatchHub {
         }
         let id = self.next_id;
         self.next_id += 1;
+        if req.range_end.is_empty() {
+            self.by_key.entry(req.key.clone()).or_default().insert(id);
+        } else {
+            self.ranged.insert(id);
+        }
         self.watchers.insert(
             id,
             Watcher {
@@ -210,10 +290,26 @@ impl WatchHub {
 
     /// Removes a watcher.
     pub fn cancel(&mut self, id: WatchId) -> Result<(), KvError> {
-        self.watchers
+        let w = self
+            .watchers
             .remove(&id)
-            .map(|_| ())
-            .ok_or(KvError::WatchNotFound { id })
+            .ok_or(KvError::WatchNotFound { id })?;
+        self.unindex(id, &w.req);
+        self.wake_on_publish.remove(&id);
+        Ok(())
+    }
+
+    fn unindex(&mut self, id: WatchId, req: &WatchRequest) {
+        if req.range_end.is_empty() {
+            if let Some(ids) = self.by_key.get_mut(req.key.as_slice()) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_key.remove(req.key.as_slice());
+                }
+            }
+        } else {
+            self.ranged.remove(&id);
+        }
     }
 
     /// Whether the watcher is at the store's head (etcd sends progress notifications only
@@ -230,46 +326,52 @@ impl WatchHub {
             .first()
             .is_some_and(|e| e.revision() > self.published_revision + 1)
             || (events.is_empty() && store.revision() != self.published_revision);
-        let mut ready = Vec::new();
-        for (&id, w) in self.watchers.iter_mut() {
-            if w.canceled.is_some() {
-                continue;
+        self.published_revision = store.revision();
+        let mut ready = std::mem::take(&mut self.wake_on_publish);
+        if gap {
+            // Some revisions were never published (or the store was replaced): every
+            // synced watcher replays from history instead of guessing.
+            self.recent.restart(store.revision() + 1);
+            for (&id, w) in self.watchers.iter_mut() {
+                if w.canceled.is_none() && w.synced {
+                    w.synced = false;
+                    ready.insert(id);
+                }
             }
-            if gap && w.synced {
-                // Some revisions were never published (or the store was replaced): replay
-                // them from history instead of guessing.
-                w.synced = false;
-                ready.push(id);
-                continue;
-            }
-            if !w.synced {
-                continue;
-            }
-            let before = w.queue.len();
-            for e in events {
-                if !w.not_before_cursor(e) {
+            return ready.into_iter().collect();
+        }
+        for e in events {
+            self.recent.push(&self.config, e);
+            // Only watchers of exactly this key, and range watchers, can want it.
+            let exact = self.by_key.get(e.kv.key.as_slice());
+            for &id in exact.into_iter().flatten().chain(self.ranged.iter()) {
+                let w = self
+                    .watchers
+                    .get_mut(&id)
+                    .expect("indexed watcher is registered");
+                if !w.synced || w.canceled.is_some() || !w.not_before_cursor(e) {
                     continue;
                 }
+                let before = w.queue.len();
                 if !w.try_push(&self.config, e) {
                     // Queue full: fall back to history from this very event.
                     w.synced = false;
                     w.cursor_rev = e.revision();
                     w.cursor_key = e.kv.key.clone();
-                    break;
+                    ready.insert(id);
+                } else if w.queue.len() != before {
+                    ready.insert(id);
                 }
             }
-            if w.queue.len() != before || !w.synced {
-                ready.push(id);
-            }
         }
-        self.published_revision = store.revision();
-        ready
+        ready.into_iter().collect()
     }
 
     /// To call after the store was replaced by a restored snapshot: every watcher replays
     /// from its cursor (or is cancelled if the snapshot's compaction passed it).
     pub fn reset(&mut self, store: &KvStore) {
         self.published_revision = store.revision();
+        self.recent.restart(store.revision() + 1);
         for w in self.watchers.values_mut() {
             w.synced = false;
         }
@@ -285,12 +387,13 @@ impl WatchHub {
     ) -> Result<WatchPoll, KvError> {
         let published = self.published_revision;
         let cfg = &self.config;
+        let recent = &self.recent;
         let w = self
             .watchers
             .get_mut(&id)
             .ok_or(KvError::WatchNotFound { id })?;
         if w.canceled.is_none() && !w.synced {
-            catch_up(cfg, store, published, w);
+            catch_up(cfg, store, recent, published, w);
         }
         let mut poll = WatchPoll::default();
         let n = max_events.min(w.queue.len());
@@ -304,29 +407,48 @@ impl WatchHub {
         if let Some(reason) = w.canceled.clone() {
             if w.queue.is_empty() {
                 poll.canceled = Some(reason);
-                self.watchers.remove(&id);
+                self.cancel(id).expect("watcher is registered");
                 return Ok(poll);
             }
         }
-        poll.more = !w.queue.is_empty() || !w.synced || w.canceled.is_some();
+        // A lagging watcher can make progress now unless the store is ahead of what was
+        // published; then polling again would spin, so it waits for the next publish.
+        let can_catch_up = !w.synced && store.revision() == published;
+        if !w.synced && !can_catch_up && w.queue.is_empty() {
+            self.wake_on_publish.insert(id);
+        }
+        poll.more = !w.queue.is_empty() || can_catch_up || w.canceled.is_some();
         Ok(poll)
     }
 }
 
 /// Refills a lagging watcher's queue from history, and marks it synced once it has
 /// reached the head of a fully published store.
-fn catch_up(cfg: &WatchConfig, store: &KvStore, published: Revision, w: &mut Watcher) {
+fn catch_up(
+    cfg: &WatchConfig,
+    store: &KvStore,
+    recent: &Recent,
+    published: Revision,
+    w: &mut Watcher,
+) {
     let room = cfg.queue_events_max.saturating_sub(w.queue.len());
     if room == 0 {
         return;
     }
-    let fetched = match store.events_from(
-        &w.req.key,
-        &w.req.range_end,
-        w.cursor_rev,
-        &w.cursor_key,
-        room,
-    ) {
+    // Recently published events answer a small lag without scanning the store; they are
+    // only trusted while the hub is in step with the store.
+    let fetched = if store.revision() == published && recent.covers(w.cursor_rev, &w.cursor_key) {
+        Ok(recent.read(w, room))
+    } else {
+        store.events_from(
+            &w.req.key,
+            &w.req.range_end,
+            w.cursor_rev,
+            &w.cursor_key,
+            room,
+        )
+    };
+    let fetched = match fetched {
         Ok(events) => events,
         Err(KvError::Compacted { compact_revision }) => {
             w.canceled = Some(WatchCancelReason::Compacted { compact_revision });

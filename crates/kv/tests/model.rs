@@ -125,6 +125,57 @@ impl Model {
             .collect())
     }
 
+    /// etcd's range options, written out the obvious way: filter, stable sort, limit.
+    fn query(&self, req: &RangeRequest) -> (Vec<KeyValue>, bool, i64) {
+        let all = self.range(&req.key, &req.range_end, 0).unwrap();
+        let count = all.len() as i64;
+        if req.count_only {
+            return (vec![], false, count);
+        }
+        let within = |v: i64, min: i64, max: i64| (min == 0 || v >= min) && (max == 0 || v <= max);
+        let mut kvs: Vec<KeyValue> = all
+            .into_iter()
+            .filter(|kv| {
+                within(kv.mod_revision, req.min_mod_revision, req.max_mod_revision)
+                    && within(
+                        kv.create_revision,
+                        req.min_create_revision,
+                        req.max_create_revision,
+                    )
+            })
+            .collect();
+        let order = match (req.sort_order, req.sort_target) {
+            (SortOrder::None, SortTarget::Key) => SortOrder::None,
+            (SortOrder::None, _) => SortOrder::Ascend,
+            (o, _) => o,
+        };
+        if order != SortOrder::None {
+            let cmp = |a: &KeyValue, b: &KeyValue| match req.sort_target {
+                SortTarget::Key => a.key.cmp(&b.key),
+                SortTarget::Version => a.version.cmp(&b.version),
+                SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                SortTarget::Value => a.value.cmp(&b.value),
+            };
+            if order == SortOrder::Descend {
+                kvs.sort_by(|a, b| cmp(b, a));
+            } else {
+                kvs.sort_by(cmp);
+            }
+        }
+        let mut more = false;
+        if req.limit > 0 && kvs.len() > req.limit as usize {
+            kvs.truncate(req.limit as usize);
+            more = true;
+        }
+        if req.keys_only {
+            for kv in &mut kvs {
+                kv.value.clear();
+            }
+        }
+        (kvs, more, count)
+    }
+
     /// Events from `from` on, derived by diffing consecutive states.
     fn events(&self, key: &[u8], end: &[u8], from: i64) -> Vec<(EventKind, Vec<u8>, i64, Vec<u8>)> {
         let mut out = Vec::new();
@@ -169,6 +220,48 @@ enum Step {
     Compact(i64),
     /// Read `[key, end)` at `rev() - back` (0 = current).
     Read(Vec<u8>, Vec<u8>, i64),
+    /// A range with options (sort, limit, filters, keys/count only) at the current revision.
+    Query(RangeRequest),
+}
+
+fn query() -> impl Strategy<Value = RangeRequest> {
+    let order = prop::sample::select(vec![SortOrder::None, SortOrder::Ascend, SortOrder::Descend]);
+    let target = prop::sample::select(vec![
+        SortTarget::Key,
+        SortTarget::Version,
+        SortTarget::Create,
+        SortTarget::Mod,
+        SortTarget::Value,
+    ]);
+    let filters = (0..8i64, 0..8i64, 0..8i64, 0..8i64);
+    (
+        key(),
+        range_end(),
+        0..4i64,
+        order,
+        target,
+        any::<bool>(),
+        prop::bool::weighted(0.1),
+        filters,
+    )
+        .prop_map(
+            |(key, range_end, limit, sort_order, sort_target, keys_only, count_only, f)| {
+                RangeRequest {
+                    key,
+                    range_end,
+                    limit,
+                    revision: 0,
+                    sort_order,
+                    sort_target,
+                    keys_only,
+                    count_only,
+                    min_mod_revision: f.0,
+                    max_mod_revision: f.1,
+                    min_create_revision: f.2,
+                    max_create_revision: f.3,
+                }
+            },
+        )
 }
 
 fn key() -> impl Strategy<Value = Vec<u8>> {
@@ -200,6 +293,7 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(key, version, success, failure)| Step::Txn { key, version, success, failure }),
         1 => (-1..6i64).prop_map(Step::Compact),
         4 => (key(), range_end(), -1..8i64).prop_map(|(k, e, b)| Step::Read(k, e, b)),
+        2 => query().prop_map(Step::Query),
     ]
 }
 
@@ -248,7 +342,7 @@ fn to_command(step: &Step, model_rev: i64) -> Option<Command> {
         Step::Compact(back) => Command::Compact {
             revision: model_rev - back,
         },
-        Step::Read(..) => return None,
+        Step::Read(..) | Step::Query(..) => return None,
     })
 }
 
@@ -257,6 +351,17 @@ fn run(steps: &[Step]) -> Result<(KvStore, Vec<Command>), TestCaseError> {
     let mut model = Model::new();
     let mut log = Vec::new();
     for step in steps {
+        if let Step::Query(req) = step {
+            let got = store.range(req).unwrap();
+            let (kvs, more, count) = model.query(req);
+            prop_assert_eq!(
+                (got.kvs, got.more, got.count),
+                (kvs, more, count),
+                "{:?}",
+                req
+            );
+            continue;
+        }
         if let Step::Read(k, e, back) = step {
             let rev = if *back < 0 {
                 0
@@ -332,7 +437,7 @@ fn run(steps: &[Step]) -> Result<(KvStore, Vec<Command>), TestCaseError> {
                     model.compact = rev;
                 }
             }
-            Step::Read(..) => unreachable!(),
+            Step::Read(..) | Step::Query(..) => unreachable!(),
         }
         prop_assert_eq!(store.revision(), model.rev());
         prop_assert_eq!(store.status().key_count as usize, model.cur().len());
@@ -366,6 +471,8 @@ proptest! {
             other.apply(i as u64 + 1, cmd);
         }
         prop_assert_eq!(other.snapshot(), snap);
+        prop_assert_eq!(other.hash_kv(0), store.hash_kv(0));
+        prop_assert_eq!(restored.hash_kv(0), store.hash_kv(0));
     }
 
     #[test]

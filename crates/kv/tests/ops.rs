@@ -985,3 +985,39 @@ fn events_since_replays_history_with_prev_kv() {
     let got: Vec<_> = ev.iter().map(|e| e.revision()).collect();
     assert_eq!(got, vec![3, 4]);
 }
+
+#[test]
+fn hash_kv_tracks_history_up_to_a_revision() {
+    let mut a = Harness::new();
+    let mut b = Harness::new();
+    a.put("a", "1");
+    b.put("a", "1");
+    assert_eq!(a.store.hash_kv(0), b.store.hash_kv(0));
+    a.put("a", "2");
+    b.put("a", "3");
+    assert_ne!(
+        a.store.hash_kv(0).unwrap().hash,
+        b.store.hash_kv(0).unwrap().hash
+    );
+    // Up to revision 2 they still agree.
+    assert_eq!(a.store.hash_kv(2), b.store.hash_kv(2));
+    assert_eq!(a.store.hash_kv(2).unwrap().revision, 2);
+    assert!(matches!(
+        a.store.hash_kv(9),
+        Err(KvError::FutureRevision { .. })
+    ));
+}
+
+#[test]
+fn apply_entry_decodes_and_counts_undecodable_entries_as_applied() {
+    let mut store = KvStore::new();
+    let r = store.apply_entry(1, &Command::Put(put_req("a", "1")).encode());
+    assert!(r.result.is_ok());
+    assert_eq!(store.get(b"a").unwrap().value, b"1");
+    let r = store.apply_entry(2, &[1, 200, 200]);
+    assert!(matches!(r.result, Err(KvError::Decode(_))));
+    assert_eq!(store.applied_index(), 2);
+    assert_eq!(store.revision(), 2);
+    let r = store.apply_entry(2, &[1, 200, 200]);
+    assert!(matches!(r.result, Err(KvError::AlreadyApplied { .. })));
+}

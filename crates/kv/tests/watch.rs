@@ -265,6 +265,8 @@ fn watch_from_a_compacted_revision_fails_with_the_compact_revision() {
 fn a_lagging_watcher_overtaken_by_compaction_is_cancelled() {
     let cfg = WatchConfig {
         queue_events_max: 2,
+        // No recent-event buffer: catch-up must read store history, which is compacted.
+        recent_events_max: 0,
         ..WatchConfig::default()
     };
     let mut n = Node::new(cfg);
@@ -294,12 +296,40 @@ fn a_lagging_watcher_overtaken_by_compaction_is_cancelled() {
 }
 
 #[test]
+fn recent_events_carry_a_small_lag_across_compaction() {
+    let cfg = WatchConfig {
+        queue_events_max: 2,
+        ..WatchConfig::default()
+    };
+    let mut n = Node::new(cfg);
+    let id = n.watch(wreq("k", "", 0)).unwrap();
+    n.drain(id);
+    for i in 0..6 {
+        n.put("k", &i.to_string()); // revs 2..=7
+    }
+    n.apply(Command::Compact { revision: 7 });
+    let (ev, canceled) = n.drain(id);
+    assert!(canceled.is_none());
+    let revs: Vec<_> = ev.iter().map(Event::revision).collect();
+    assert_eq!(revs, (2..=7).collect::<Vec<_>>());
+}
+
+#[test]
 fn unpublished_revisions_are_replayed_from_history() {
     let mut n = Node::new(WatchConfig::default());
     let id = n.watch(wreq("a", "\0", 0)).unwrap();
     n.drain(id);
     n.apply_silently(put("a", "1"));
-    n.put("b", "1");
+    // A new watcher cannot finish catching up while the store is ahead of what was
+    // published: it says so instead of asking to be polled in a loop...
+    let late = n.watch(wreq("a", "\0", 0)).unwrap();
+    let p = n.hub.poll(&n.store, late, 10).unwrap();
+    assert!(p.events.is_empty() && !p.more);
+    // ...and the next publish wakes it, together with the watcher that missed revision 2.
+    let ready = n.put("b", "1");
+    assert!(ready.contains(&late) && ready.contains(&id), "{ready:?}");
+    let (ev, _) = n.drain(late);
+    assert_eq!(summary(&ev), vec![(EventKind::Put, "b".into(), 3)]);
     let (ev, _) = n.drain(id);
     assert_eq!(
         summary(&ev),
@@ -375,8 +405,14 @@ proptest! {
     /// exactly the history of its range from its start revision: in order, no gaps, no
     /// duplicates (or it is cancelled because compaction overtook it).
     #[test]
-    fn every_watcher_sees_exactly_its_history(acts in prop::collection::vec(act(), 1..80), qmax in 1..5usize) {
-        let cfg = WatchConfig { queue_events_max: qmax, ..WatchConfig::default() };
+    fn every_watcher_sees_exactly_its_history(
+        acts in prop::collection::vec(act(), 1..80),
+        qmax in 1..5usize,
+        recent in prop_oneof![Just(0usize), 1..8usize, Just(4096usize)],
+    ) {
+        // `recent` 0 forces every catch-up through store history; 4096 through the hub's
+        // recent-event suffix; small values mix the two.
+        let cfg = WatchConfig { queue_events_max: qmax, recent_events_max: recent, ..WatchConfig::default() };
         let mut n = Node::new(cfg);
         // (id, key, range_end, start revision, received, cancelled)
         let mut watchers: Vec<(WatchId, String, String, Revision, Vec<Event>, bool)> = Vec::new();

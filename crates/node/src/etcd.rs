@@ -4,7 +4,11 @@ use crate::group::{GroupHandle, MemberInfo as NodeMember, NodeError};
 use crate::kvsm::{now_ms, KvMachine};
 use concord_api_etcd::proto::etcdserverpb as pb;
 use concord_api_etcd::{
-    cluster::ClusterService, kv::KvService, lease::LeaseService, maintenance::MaintenanceService,
+    cluster::ClusterService,
+    kv::KvService,
+    lease::LeaseService,
+    maintenance::MaintenanceService,
+    watch::{WatchService, WatchServiceConfig},
     Backend, BackendError, EventFeed, HeaderStamp, MemberInfo, NodeStatus,
 };
 use concord_consensus::{ConfChange, ConfChangeItem, NodeId};
@@ -251,6 +255,10 @@ pub async fn serve(
         )))
         .add_service(pb::cluster_server::ClusterServer::new(ClusterService::new(
             backend.clone(),
+        )))
+        .add_service(pb::watch_server::WatchServer::new(WatchService::new(
+            backend.clone(),
+            WatchServiceConfig::default(),
         )))
         .add_service(pb::maintenance_server::MaintenanceServer::new(
             MaintenanceService::new(backend),

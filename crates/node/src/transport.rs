@@ -37,6 +37,8 @@ pub const BACKOFF_MAX_MS: u64 = 2_000;
 /// A handshake not completed within this time drops the connection.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 3_000;
 pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Failed connection attempts before a peer is reported unreachable.
+const UNREACHABLE_REPORT_AFTER: u32 = 5;
 
 /// What a frame carries; the group task interprets the payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,7 +277,8 @@ async fn outbound_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff_ms = BACKOFF_MIN_MS;
-    let mut warned = false;
+    // Peers start in any order: only report a peer unreachable after a few attempts.
+    let mut failures = 0u32;
     loop {
         if *shutdown.borrow() {
             return;
@@ -285,7 +288,7 @@ async fn outbound_loop(
                 stats.connects.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(node = me, peer, %addr, "connected to peer");
                 backoff_ms = BACKOFF_MIN_MS;
-                warned = false;
+                failures = 0;
                 loop {
                     let first = tokio::select! {
                         m = rx.recv() => m,
@@ -321,9 +324,9 @@ async fn outbound_loop(
                 backoff_ms = BACKOFF_MAX_MS;
             }
             Err(DialError::Io(e)) => {
-                if !warned {
+                failures += 1;
+                if failures == UNREACHABLE_REPORT_AFTER {
                     tracing::info!(node = me, peer, %addr, "cannot reach peer ({e}); retrying with back-off");
-                    warned = true;
                 }
             }
         }

@@ -32,7 +32,7 @@ pub fn known_bugs(engine: &str) -> Result<&'static [&'static str], String> {
     use concord_consensus::Replica;
     match engine {
         "raft" => Ok(concord_consensus::raft::Raft::known_bugs()),
-        "paxos" => Err(PAXOS_MISSING.into()),
+        "paxos" => Ok(concord_consensus::paxos::Paxos::known_bugs()),
         other => Err(unknown_engine(other)),
     }
 }
@@ -41,12 +41,10 @@ pub fn known_bugs(engine: &str) -> Result<&'static [&'static str], String> {
 pub fn sweep(o: &SweepOptions, on_seed: impl FnMut(&SeedReport)) -> Result<Summary, String> {
     match o.engine.as_str() {
         "raft" => runner::sweep::<concord_consensus::raft::Raft, NodeStore>(o, on_seed),
-        "paxos" => Err(PAXOS_MISSING.into()),
+        "paxos" => runner::sweep::<concord_consensus::paxos::Paxos, NodeStore>(o, on_seed),
         other => Err(unknown_engine(other)),
     }
 }
-
-const PAXOS_MISSING: &str = "engine paxos not available: this build has no Multi-Paxos replica yet";
 
 fn unknown_engine(name: &str) -> String {
     format!("unknown engine {name:?}; known: {}", ENGINES.join(", "))

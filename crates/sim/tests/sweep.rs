@@ -53,7 +53,11 @@ fn raft_clean_sweep_has_no_violations() {
 fn raft_with_disk_corruption_detects_it_and_stays_safe() {
     let o = opts(100, 1000, None, DiskFaults::Corrupt);
     let s = run(&o);
-    assert!(s.corrupt_injected > 0, "no corruption injected: {}", s.line());
+    assert!(
+        s.corrupt_injected > 0,
+        "no corruption injected: {}",
+        s.line()
+    );
     assert_eq!(s.corrupt_detected, s.corrupt_injected, "{}", s.line());
     assert!(s.violations.is_empty(), "{}", describe(&o, &s));
 }

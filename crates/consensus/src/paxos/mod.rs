@@ -526,17 +526,27 @@ impl Paxos {
         let Some(lead) = self.lead.as_ref() else {
             return;
         };
+        let last = self.log.last_index();
+        let matched = |n: NodeId| {
+            if n == self.id {
+                lead.self_match
+            } else {
+                lead.peers.get(&n).map_or(0, |p| p.matched)
+            }
+        };
+        if lead.pending_conf.is_none() {
+            // Fast path: one configuration governs every open slot, so the commit index is
+            // the highest slot a quorum has matched.
+            let q = quorum::quorum_value(self.conf_for(self.commit + 1), matched).min(last);
+            if q > self.commit {
+                self.commit_to(q);
+            }
+            return;
+        }
         let mut cur = self.conf_for(self.commit + 1).clone();
         let mut i = self.commit + 1;
-        let last = self.log.last_index();
         while i <= last {
-            let ok = quorum::has_quorum(&cur, |n| {
-                if n == self.id {
-                    lead.self_match >= i
-                } else {
-                    lead.peers.get(&n).is_some_and(|p| p.matched >= i)
-                }
-            });
+            let ok = quorum::has_quorum(&cur, |n| matched(n) >= i);
             if !ok {
                 break;
             }
@@ -771,26 +781,22 @@ impl Paxos {
         if lead.transfer.is_some() {
             return false;
         }
-        let conf = self.conf();
-        let any_missing = conf
-            .voters
-            .iter()
-            .chain(&conf.voters_outgoing)
-            .filter(|&&n| n != self.id)
-            .any(|n| lead.peers.get(n).is_none_or(|p| p.acked_sent_at.is_none()));
-        let start = quorum::quorum_value(conf, |n| {
+        // The send tick of the newest heartbeat a quorum acknowledged, shifted by one so
+        // that 0 means "no acknowledgement" (tick 0 is a valid send time).
+        let start_plus_one = quorum::quorum_value(self.conf(), |n| {
             if n == self.id {
-                self.ticks
+                self.ticks + 1
             } else {
                 lead.peers
                     .get(&n)
                     .and_then(|p| p.acked_sent_at)
-                    .unwrap_or(0)
+                    .map_or(0, |t| t + 1)
             }
         });
-        if any_missing && start == 0 {
+        let Some(start) = start_plus_one.checked_sub(1) else {
             return false;
-        }
+        };
+        // Shorter than the `election_ticks` for which acceptors ignore other candidates.
         let len = u64::from(self.cfg.election_ticks - self.cfg.heartbeat_ticks);
         self.ticks < start + len
     }
@@ -883,7 +889,7 @@ impl Paxos {
                 return;
             }
         }
-        let page_from = page_from.max(commit + 1);
+        let page_from = page_from.max(commit.saturating_add(1));
         if page_from < self.log.first_index() {
             // We compacted slots the candidate has not learned; it cannot lead with our
             // promise. Refusing is always safe.
@@ -952,7 +958,7 @@ impl Paxos {
             if e.index != expect || e.term > b {
                 return; // Malformed page: ignore it, the timeout retries.
             }
-            expect += 1;
+            expect = expect.saturating_add(1);
             if e.index <= my_commit || skip {
                 // Planted bug `skip_phase1_after_ballot_change`: reported values ignored.
                 continue;
@@ -996,7 +1002,7 @@ impl Paxos {
         // chosen and keep the ballot they were accepted in (a new leader does not rewrite
         // chosen slots, it only resends them to acceptors that lag).
         for (k, e) in entries.iter().enumerate() {
-            let well_formed = e.index == prev + 1 + k as u64
+            let well_formed = prev.checked_add(1 + k as u64) == Some(e.index)
                 && (e.term == b || (e.term < b && e.index <= commit));
             if !well_formed {
                 return; // Malformed: drop.
@@ -1179,6 +1185,14 @@ impl Paxos {
             self.send_append(from);
         }
         self.release_reads();
+        // A transfer target that caught up through heartbeats alone.
+        let caught_up = self.lead.as_ref().is_some_and(|l| {
+            l.transfer.is_some_and(|(t, _)| t == from)
+                && l.peers.get(&from).is_some_and(|p| p.matched >= last)
+        });
+        if caught_up {
+            self.send(from, Message::TimeoutNow { ballot: b });
+        }
     }
 
     fn on_snapshot(
@@ -1230,8 +1244,12 @@ impl Paxos {
             Some(inc) if inc.meta == meta => inc.data.len() as u64,
             _ => 0,
         };
-        if next_offset >= total {
-            let inc = self.incoming.take().expect("incoming");
+        let complete = self
+            .incoming
+            .as_ref()
+            .is_some_and(|inc| inc.meta == meta && inc.data.len() as u64 == inc.total);
+        if complete {
+            let inc = self.incoming.take().expect("complete snapshot");
             self.install_snapshot(Snapshot {
                 meta: inc.meta,
                 data: inc.data,
@@ -1591,13 +1609,13 @@ impl Replica for Paxos {
         let max_reads = self.cfg.max_pending_reads;
         let alone = self.conf().voters == [self.id] && self.conf().voters_outgoing.is_empty();
         let lead = self.lead.as_mut().expect("leader");
+        if lead.reads.len() + self.read_states.len() >= max_reads {
+            return Err(ProposeError::Busy);
+        }
         if stale_bug {
             // Planted bug: answer from local state without confirming leadership.
             self.read_states.push(ReadState { index: commit, ctx });
             return Ok(());
-        }
-        if lead.reads.len() >= max_reads {
-            return Err(ProposeError::Busy);
         }
         if lease && commit >= lead.recovery_max {
             self.read_states.push(ReadState { index: commit, ctx });

@@ -393,3 +393,119 @@ fn lease_guard_ignores_prepares_while_a_leader_is_alive() {
     p.step(3, prepare);
     assert_eq!(p.status().term, ballot::make(2, 3));
 }
+
+/// Random, mostly nonsensical messages with extreme field values never panic a replica,
+/// whatever its role.
+#[test]
+fn random_garbage_never_panics() {
+    let mut rng = Prng::new(7);
+    let pick = |rng: &mut Prng| -> u64 {
+        match rng.range(0, 6) {
+            0 => 0,
+            1 => u64::MAX,
+            2 => u64::MAX - 1,
+            3 => rng.range(0, 8),
+            4 => ballot::make(rng.range(0, 4), rng.range(1, 4)),
+            _ => rng.next_u64(),
+        }
+    };
+    for round in 0..3000 {
+        let mut p = node(1);
+        match round % 3 {
+            0 => {}
+            1 => p.campaign_now(),
+            _ => {
+                p.campaign_now();
+                for from in [2, 3] {
+                    p.step(
+                        from,
+                        Message::Promise {
+                            ballot: p.status().term,
+                            from: 1,
+                            entries: vec![],
+                            done: true,
+                            commit: 0,
+                        },
+                    );
+                }
+                let _ = p.propose(b"x".to_vec());
+            }
+        }
+        for _ in 0..40 {
+            let from = rng.range(0, 5);
+            let b = pick(&mut rng);
+            let (x, y) = (pick(&mut rng), pick(&mut rng));
+            let entries = (0..rng.range(0, 3))
+                .map(|k| entry(x.wrapping_add(k), pick(&mut rng), "g"))
+                .collect::<Vec<_>>();
+            let msg = match rng.range(0, 11) {
+                0 => Message::Prepare {
+                    ballot: b,
+                    commit: x,
+                    from: y,
+                    force: rng.range(0, 2) == 0,
+                },
+                1 => Message::Promise {
+                    ballot: b,
+                    from: x,
+                    entries,
+                    done: rng.range(0, 2) == 0,
+                    commit: y,
+                },
+                2 => Message::Nack {
+                    ballot: b,
+                    promised: x,
+                    behind: rng.range(0, 2) == 0,
+                },
+                3 => Message::Accept {
+                    ballot: b,
+                    prev: x,
+                    entries,
+                    commit: y,
+                },
+                4 => Message::Accepted {
+                    ballot: b,
+                    matched: x,
+                },
+                5 => Message::Reject {
+                    ballot: b,
+                    matched: x,
+                },
+                6 => Message::Heartbeat {
+                    ballot: b,
+                    commit: x,
+                    seq: y,
+                    sent_at: x,
+                },
+                7 => Message::HeartbeatAck {
+                    ballot: b,
+                    seq: x,
+                    sent_at: y,
+                    matched: x,
+                },
+                8 => Message::Snapshot {
+                    ballot: b,
+                    meta: SnapshotMeta {
+                        index: x,
+                        term: y,
+                        conf: ConfState::new([1, 2, 3]),
+                    },
+                    total: y,
+                    offset: pick(&mut rng),
+                    data: vec![1, 2, 3],
+                },
+                9 => Message::SnapshotAck {
+                    ballot: b,
+                    index: x,
+                    next_offset: y,
+                },
+                _ => Message::TimeoutNow { ballot: b },
+            };
+            p.step(from, msg);
+            p.tick();
+            if p.has_ready() {
+                cycle(&mut p);
+            }
+        }
+    }
+}

@@ -38,6 +38,7 @@ use progress::{Progress, ProgressState};
 use quorum::VoteResult;
 use read_only::ReadOnly;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Most committed entries handed out in one `Ready`; the rest follow in the next one.
 pub const MAX_COMMITTED_PER_READY: usize = 4096;
@@ -139,8 +140,9 @@ pub struct Raft {
     /// Follower: reads forwarded to the leader and not yet answered.
     forwarded_reads: usize,
 
-    /// The newest snapshot, kept to send to lagging followers.
-    snapshot: Option<Snapshot>,
+    /// The newest snapshot, kept to send to lagging followers (shared with the transfers
+    /// in progress).
+    snapshot: Option<Arc<Snapshot>>,
     incoming: Option<IncomingSnapshot>,
     /// A snapshot to hand to the driver in the next `Ready`.
     pending_snapshot: Option<Snapshot>,
@@ -524,7 +526,10 @@ impl Raft {
                     pr.inflights.add(last, self.ticks);
                 }
             }
-            ProgressState::Probe => pr.paused = true,
+            ProgressState::Probe => {
+                pr.paused = true;
+                pr.sent_tick = self.ticks;
+            }
             ProgressState::Snapshot => unreachable!("can_send is false while snapshotting"),
         }
         self.send(
@@ -540,25 +545,24 @@ impl Raft {
     }
 
     fn start_snapshot(&mut self, to: NodeId) -> bool {
-        let Some(index) = self.snapshot.as_ref().map(|s| s.meta.index) else {
+        let Some(snap) = self.snapshot.clone() else {
             return false; // Nothing to send yet; cannot happen once compaction ran.
         };
         if let Some(pr) = self.progress.get_mut(&to) {
-            pr.become_snapshot(index);
+            pr.become_snapshot(snap);
         }
         self.send_snapshot_chunk(to);
         true
     }
 
     fn send_snapshot_chunk(&mut self, to: NodeId) {
-        let (Some(snap), Some(pr)) = (self.snapshot.as_ref(), self.progress.get_mut(&to)) else {
+        let Some(pr) = self.progress.get_mut(&to) else {
             return;
         };
-        if pr.snapshot_index != snap.meta.index {
-            // A newer snapshot replaced the one being sent: start over with it.
-            pr.snapshot_index = snap.meta.index;
-            pr.snapshot_offset = 0;
-        }
+        let Some(snap) = pr.snapshot.clone() else {
+            return;
+        };
+        pr.sent_tick = self.ticks;
         let len = snap.data.len() as u64;
         let offset = pr.snapshot_offset.min(len);
         let end = (offset + self.cfg.snapshot_chunk_bytes as u64).min(len);
@@ -713,14 +717,22 @@ impl Raft {
             return;
         }
         let known = self.conf_state().all_nodes().contains(&from);
-        let from_leader = matches!(
+        let from_leader_or_candidate = matches!(
             m.body,
-            Body::Append { .. } | Body::Heartbeat { .. } | Body::Snapshot { .. } | Body::TimeoutNow
+            Body::Append { .. }
+                | Body::Heartbeat { .. }
+                | Body::Snapshot { .. }
+                | Body::TimeoutNow
+                | Body::Vote { .. }
+                | Body::PreVote { .. }
         );
-        // A node we do not know of may still be a leader whose configuration includes us
-        // (we may not have that ConfChange yet, or we are new and empty); anything else
-        // from a stranger is ignored.
-        if !known && !from_leader {
+        // Requests from a node outside our configuration are still processed (thesis §4.1:
+        // servers do not consult their configuration for incoming RPCs): we may simply
+        // not have the ConfChange that added it yet, and a candidate that needs our vote
+        // must get an answer or the group can deadlock. Disruption by removed servers is
+        // contained by pre-vote and leader stickiness (§4.2.3). Anything else from a
+        // stranger (answers to requests we never sent) is ignored.
+        if !known && !from_leader_or_candidate {
             return;
         }
 
@@ -791,9 +803,9 @@ impl Raft {
     }
 
     fn handle_vote(&mut self, from: NodeId, term: u64, last_index: u64, last_term: u64, pre: bool) {
-        if !self.promotable() {
-            return; // Learners and removed nodes do not vote.
-        }
+        // No check that we are a voter ourselves: we may have been promoted (or re-added)
+        // without having the entry yet, and the candidate only counts votes of nodes in its
+        // own configuration anyway.
         let can_vote = self.vote == from
             || (self.vote == NO_NODE && self.leader == NO_NODE)
             || (pre && term > self.term);
@@ -1113,7 +1125,7 @@ impl Raft {
         self.conf.reset(meta.conf.clone());
         self.commit = meta.index;
         self.applying = self.applying.max(meta.index);
-        self.snapshot = Some(snap.clone());
+        self.snapshot = Some(Arc::new(snap.clone()));
         self.pending_snapshot = Some(snap);
     }
 
@@ -1130,15 +1142,21 @@ impl Raft {
                 sent_tick,
             } => self.handle_heartbeat_resp(from, read_seq, sent_tick),
             Body::SnapshotResp { index, next_offset } => {
-                let snap_len = self.snapshot.as_ref().map_or(0, |s| s.data.len() as u64);
                 let Some(pr) = self.progress.get_mut(&from) else {
                     return;
                 };
                 pr.recent_active = true;
-                if pr.state != ProgressState::Snapshot || pr.snapshot_index != index {
+                if pr.state != ProgressState::Snapshot || pr.snapshot_index() != index {
                     return;
                 }
-                pr.snapshot_offset = next_offset.min(snap_len);
+                let snap_len = pr.snapshot.as_ref().map_or(0, |s| s.data.len() as u64);
+                // Each answer moves the stream by at most one chunk; a duplicate answer
+                // (same offset) must not start a second stream.
+                let next_offset = next_offset.min(snap_len);
+                if next_offset == pr.snapshot_offset {
+                    return;
+                }
+                pr.snapshot_offset = next_offset;
                 self.send_snapshot_chunk(from);
             }
             // A full queue drops the read; the follower's client times out.
@@ -1244,10 +1262,16 @@ impl Raft {
         pr.read_seq_acked = pr.read_seq_acked.max(read_seq);
         let behind = pr.matched < last;
         match pr.state {
+            // Probe and Snapshot retransmit only when this heartbeat was sent after our last
+            // probe or chunk: on an ordered link its answer would have arrived first, so it
+            // was lost. Retransmitting on every answer (reads add heartbeat rounds) would
+            // multiply duplicate probes and chunk streams.
             ProgressState::Probe => {
-                pr.paused = false;
-                if behind {
-                    self.send_append(from, true);
+                if pr.sent_tick < sent_tick {
+                    pr.paused = false;
+                    if behind {
+                        self.send_append(from, true);
+                    }
                 }
             }
             ProgressState::Replicate => {
@@ -1265,8 +1289,9 @@ impl Raft {
                 self.replicate_dirty = true;
             }
             ProgressState::Snapshot => {
-                // Retransmit the chunk the follower is waiting for.
-                self.send_snapshot_chunk(from);
+                if pr.sent_tick < sent_tick {
+                    self.send_snapshot_chunk(from);
+                }
             }
         }
         self.resolve_reads();
@@ -1413,7 +1438,7 @@ impl Replica for Raft {
             transfer_elapsed: 0,
             reads: ReadOnly::new(config.max_pending_reads),
             forwarded_reads: 0,
-            snapshot: recovered.snapshot.clone(),
+            snapshot: recovered.snapshot.clone().map(Arc::new),
             incoming: None,
             pending_snapshot: None,
             msgs: Vec::new(),
@@ -1563,10 +1588,10 @@ impl Replica for Raft {
         let conf = self.conf.at(index).clone();
         self.log.compact_to(index);
         self.conf.compact_to(index);
-        self.snapshot = Some(Snapshot {
+        self.snapshot = Some(Arc::new(Snapshot {
             meta: SnapshotMeta { index, term, conf },
             data,
-        });
+        }));
     }
 
     fn has_ready(&self) -> bool {

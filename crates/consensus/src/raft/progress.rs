@@ -1,7 +1,9 @@
 //! What the leader knows about one follower: how far its log matches, what to send next,
 //! and the bounded window of append messages in flight (Raft thesis §10.2.1 pipelining).
 
+use crate::Snapshot;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProgressState {
@@ -80,8 +82,12 @@ pub struct Progress {
     pub hb_acked_tick: u64,
     /// Highest read sequence number this follower acknowledged (ReadIndex).
     pub read_seq_acked: u64,
-    /// Snapshot state: which snapshot, and how many bytes the follower has.
-    pub snapshot_index: u64,
+    /// Leader tick of the last probe or snapshot chunk sent (retransmission gate).
+    pub sent_tick: u64,
+    /// Snapshot state: the snapshot being streamed (kept until the transfer ends even if
+    /// the leader compacts again meanwhile, or a fast-compacting leader would restart the
+    /// transfer forever), and how many bytes the follower has.
+    pub snapshot: Option<Arc<Snapshot>>,
     pub snapshot_offset: u64,
 }
 
@@ -96,7 +102,8 @@ impl Progress {
             recent_active: false,
             hb_acked_tick: 0,
             read_seq_acked: 0,
-            snapshot_index: 0,
+            sent_tick: 0,
+            snapshot: None,
             snapshot_offset: 0,
         }
     }
@@ -110,6 +117,7 @@ impl Progress {
         self.next = next;
         self.paused = false;
         self.inflights.reset();
+        self.snapshot = None;
     }
 
     pub fn become_replicate(&mut self) {
@@ -117,16 +125,21 @@ impl Progress {
         self.next = self.matched + 1;
         self.paused = false;
         self.inflights.reset();
+        self.snapshot = None;
     }
 
-    pub fn become_snapshot(&mut self, snapshot_index: u64) {
+    /// Starts streaming `snap` from its first byte.
+    pub fn become_snapshot(&mut self, snap: Arc<Snapshot>) {
         self.state = ProgressState::Snapshot;
         self.inflights.reset();
         self.paused = false;
-        if self.snapshot_index != snapshot_index {
-            self.snapshot_index = snapshot_index;
-            self.snapshot_offset = 0;
-        }
+        self.snapshot = Some(snap);
+        self.snapshot_offset = 0;
+    }
+
+    /// Index of the snapshot being streamed (0 if none).
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.meta.index)
     }
 
     /// Records a successful append up to `index`. Returns true if `matched` moved.
@@ -182,8 +195,12 @@ mod tests {
         assert!(!p.can_send());
         p.become_probe(8);
         assert!(p.can_send());
-        p.become_snapshot(100);
+        let mut snap = Snapshot::default();
+        snap.meta.index = 100;
+        p.become_snapshot(Arc::new(snap));
         assert!(!p.can_send());
-        assert_eq!((p.snapshot_index, p.snapshot_offset), (100, 0));
+        assert_eq!((p.snapshot_index(), p.snapshot_offset), (100, 0));
+        p.become_probe(8);
+        assert!(p.snapshot.is_none());
     }
 }
