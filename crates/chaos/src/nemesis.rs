@@ -297,6 +297,8 @@ async fn member_cycle(cl: &Mutex<Cluster>, ctx: &Ctx, rng: &mut Rng, log: &mut N
     let url = format!("http://{}", c.layout.proxy(s));
     let mut added = None;
     for _ in 0..10 {
+        // Membership changes must reach the current leader (followers refuse them).
+        let ls = slot_of_id(&c, leader(ctx).await).unwrap_or(ls);
         let r = timeout(
             ctx.op_timeout,
             cluster_client(ctx, ls).member_add(pb::MemberAddRequest {
@@ -343,6 +345,8 @@ async fn member_cycle(cl: &Mutex<Cluster>, ctx: &Ctx, rng: &mut Rng, log: &mut N
     let mut last = String::new();
     while Instant::now() < deadline {
         sleep(Duration::from_millis(500)).await;
+        let lid = leader(ctx).await;
+        let ls = slot_of_id(&*cl.lock().await, lid).unwrap_or(ls);
         let r = timeout(
             ctx.op_timeout,
             cluster_client(ctx, ls).member_promote(pb::MemberPromoteRequest { id: new }),
