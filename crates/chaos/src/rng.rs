@@ -6,10 +6,6 @@
 pub struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
     /// A generator for one purpose (`stream`), independent of the others from `seed`.
     pub fn derive(seed: u64, stream: u64) -> Rng {
         let mut r = Rng(seed ^ stream.wrapping_mul(0xA076_1D64_78BD_642F));
@@ -65,7 +61,7 @@ mod tests {
         let a: Vec<u64> = (0..5).map(|_| Rng::derive(7, 1).next_u64()).collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
         assert_ne!(Rng::derive(7, 1).next_u64(), Rng::derive(7, 2).next_u64());
-        let mut r = Rng::new(3);
+        let mut r = Rng::derive(3, 0);
         for _ in 0..1000 {
             assert!(r.range(2, 4) >= 2 && r.range(2, 4) <= 4);
         }

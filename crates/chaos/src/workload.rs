@@ -24,7 +24,7 @@ pub const APPEND_PREFIX: &str = "a/";
 /// clients move on to fresh keys (bounds the checker's work per key, as Jepsen's
 /// independent keys do).
 const REGISTER_KEYS_ACTIVE: u64 = 3;
-const REGISTER_KEY_OPS: u64 = 240;
+const REGISTER_KEY_OPS: u64 = 600;
 /// Register values are drawn from `1..=REGISTER_VALUES` so compare-and-set often succeeds.
 const REGISTER_VALUES: u64 = 5;
 /// Upper bounds on the work of one client, whatever the duration.
