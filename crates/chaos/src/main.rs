@@ -596,6 +596,27 @@ async fn run(p: &Plan) -> Result<bool, String> {
     for e in &nem_log.member_errors {
         println!("  membership: {e}");
     }
+    // A panic inside a node (a thread dying while the process lives on) is a bug even when
+    // the checks above did not notice it.
+    for slot in 0..p.nodes {
+        let path = p.dir.join(format!("node-slot{slot}.log"));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let panics: Vec<&str> = text.lines().filter(|l| l.contains("panicked at")).collect();
+        if let Some(first) = panics.first() {
+            violations += 1;
+            let next = text
+                .lines()
+                .skip_while(|l| !l.contains("panicked at"))
+                .nth(1)
+                .unwrap_or("");
+            problems.push(format!(
+                "node slot {slot}: {} panic(s), first: {} {}",
+                panics.len(),
+                first.trim(),
+                next.trim()
+            ));
+        }
+    }
     for pr in &problems {
         println!("  PROBLEM: {pr}");
     }

@@ -341,6 +341,14 @@ async fn member_cycle(cl: &Mutex<Cluster>, ctx: &Ctx, rng: &mut Rng, log: &mut N
         format!("member: added slot {s} back as learner id {new}"),
     );
     drop(c);
+    // Promote only a learner that has caught up, as an operator would: promoting one that
+    // cannot be reached would shrink the usable majority.
+    if let Err(e) = caught_up(ctx, s, PROMOTE_WAIT_MS).await {
+        let e = format!("learner id {new} (slot {s}) not promoted: {e}");
+        log.note(ctx, format!("member: {e}"));
+        log.member_errors.push(e);
+        return;
+    }
     let deadline = Instant::now() + Duration::from_millis(PROMOTE_WAIT_MS);
     let mut last = String::new();
     while Instant::now() < deadline {
@@ -364,4 +372,41 @@ async fn member_cycle(cl: &Mutex<Cluster>, ctx: &Ctx, rng: &mut Rng, log: &mut N
     let e = format!("promote id {new} not done in {PROMOTE_WAIT_MS} ms (last: {last})");
     log.note(ctx, format!("member: {e}"));
     log.member_errors.push(e);
+}
+
+/// Waits until the node in `slot` has applied up to (nearly) the leader's commit index.
+async fn caught_up(ctx: &Ctx, slot: usize, wait_ms: u64) -> Result<(), String> {
+    /// Entries a learner may trail by and still count as caught up.
+    const LAG_MAX: u64 = 200;
+    let deadline = Instant::now() + Duration::from_millis(wait_ms);
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        sleep(Duration::from_millis(250)).await;
+        let mut m = pb::maintenance_client::MaintenanceClient::new(ctx.chans[slot].clone());
+        let me = match timeout(Duration::from_millis(500), m.status(pb::StatusRequest {})).await {
+            Ok(Ok(r)) => r.into_inner(),
+            _ => continue,
+        };
+        let lid = leader(ctx).await;
+        let mut best = 0;
+        for s in 0..ctx.n() {
+            let mut m = pb::maintenance_client::MaintenanceClient::new(ctx.chans[s].clone());
+            if let Ok(Ok(r)) =
+                timeout(Duration::from_millis(500), m.status(pb::StatusRequest {})).await
+            {
+                let r = r.into_inner();
+                if r.header.as_ref().map(|h| h.member_id) == Some(lid) {
+                    best = r.raft_index;
+                }
+            }
+        }
+        last = format!(
+            "applied {} vs leader {lid} commit {best}",
+            me.raft_applied_index
+        );
+        if best > 0 && me.raft_applied_index + LAG_MAX >= best {
+            return Ok(());
+        }
+    }
+    Err(format!("did not catch up in {wait_ms} ms ({last})"))
 }
