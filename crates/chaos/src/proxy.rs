@@ -344,9 +344,13 @@ mod tests {
 
         net.delay(0, 1, 200);
         let mut c = TcpStream::connect(p_addr).await.unwrap();
-        let t0 = Instant::now();
         c.write_all(&handshake(1, 2)).await.unwrap();
         c.read_exact(&mut echo).await.unwrap();
+        // The handshake goes straight through; frames after it are held back.
+        let t0 = Instant::now();
+        c.write_all(b"payload!").await.unwrap();
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"payload!");
         assert!(
             t0.elapsed() >= Duration::from_millis(200),
             "slow link holds bytes"

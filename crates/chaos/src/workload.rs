@@ -411,7 +411,7 @@ pub async fn watcher(
         let mut stream = match opened {
             Ok(Ok(s)) => s.into_inner(),
             Ok(Err(s)) if s.code() == Code::Unimplemented => {
-                log.unsupported = Some(format!("{}", s.message()));
+                log.unsupported = Some(s.message().to_string());
                 return log;
             }
             _ => {
