@@ -1038,6 +1038,10 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                         if let concord_consensus::ConfChangeItem::Remove(id) = item {
                             if *id != self.id {
                                 self.members.lock().expect("members").remove(id);
+                                // Stop dialling a removed member: if it comes back under a
+                                // new id at the same address, the old link would keep
+                                // knocking on it with the wrong id.
+                                self.transport.remove_peer(*id);
                             }
                         }
                     }

@@ -158,6 +158,10 @@ pub struct Transport {
     routes: Arc<Routes>,
     pub stats: Arc<TransportStats>,
     shutdown: watch::Receiver<bool>,
+    /// The networking runtime captured in `start`. Peers can be added later from a group's
+    /// own thread (on a membership change), whose runtime has no IO driver, so connection
+    /// tasks must always be spawned here rather than on the caller's runtime.
+    net: tokio::runtime::Handle,
 }
 
 impl Transport {
@@ -179,6 +183,7 @@ impl Transport {
             routes: Arc::new(RwLock::new(HashMap::new())),
             stats: Arc::new(TransportStats::default()),
             shutdown,
+            net: tokio::runtime::Handle::current(),
         });
         for (&peer, &addr) in peers {
             t.add_peer(peer, addr);
@@ -216,7 +221,7 @@ impl Transport {
         // Dropping an old link's sender ends its task.
         let (tx, rx) = mpsc::channel(self.limits.peer_queue_max);
         peers.insert(peer, PeerLink { addr, tx });
-        tokio::spawn(outbound_loop(
+        self.net.spawn(outbound_loop(
             self.id,
             self.cluster_id,
             peer,
