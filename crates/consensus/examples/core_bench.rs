@@ -6,13 +6,14 @@
 //! `--seconds` seconds, whichever comes first.
 //!
 //! ```text
-//! cargo run --release -p concord-consensus --example core_bench -- [--engine raft]
+//! cargo run --release -p concord-consensus --example core_bench -- [--engine raft|paxos]
 //!     [--commits 200000] [--seconds 5] [--proposers 1,64,256]
 //! ```
 //!
 //! The driver is generic over [`Replica`], so any engine that implements the trait can be
 //! measured the same way.
 
+use concord_consensus::paxos::Paxos;
 use concord_consensus::raft::Raft;
 use concord_consensus::{ConfState, Config, Entry, EntryKind, NodeId, Recovered, Replica, Role};
 use std::collections::VecDeque;
@@ -233,7 +234,8 @@ fn main() {
     for &p in &proposer_counts {
         let row = match engine.as_str() {
             "raft" => run::<Raft>(p, max_commits, max_time),
-            other => Err(format!("unknown engine {other:?} (known: raft)")),
+            "paxos" => run::<Paxos>(p, max_commits, max_time),
+            other => Err(format!("unknown engine {other:?} (known: raft, paxos)")),
         };
         match row {
             Ok(r) => {
