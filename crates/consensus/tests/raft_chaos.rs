@@ -459,7 +459,7 @@ fn run_seed(seed: u64, bug: Option<&str>) {
 /// `CHAOS_BUG=name CHAOS_SEEDS=N cargo test --test raft_chaos -- --ignored` reports how
 /// many seeds catch a planted bug (a check that the bugs are real, not a pass/fail test).
 #[test]
-#[ignore]
+#[ignore = "diagnostic: needs CHAOS_BUG=name; CI checks every planted bug through concord-sim"]
 fn chaos_catches_planted_bug() {
     let Ok(bug) = std::env::var("CHAOS_BUG") else {
         return;
