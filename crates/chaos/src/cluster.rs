@@ -13,8 +13,14 @@ use tokio::process::{Child, Command};
 /// Ports per node: client, peer, admin.
 const PORTS_PER_NODE: u16 = 3;
 /// Port window for harness runs; a run uses one block of `PORT_STRIDE` ports inside it.
+/// The window ends below the kernel's ephemeral range (`ip_local_port_range`): a port in
+/// that range can be handed to an outgoing connection while its node is down, and the
+/// node then cannot bind it again when restarted (seen in CI: a re-added learner exited
+/// with "address in use" on every restart).
 const PORT_LOW: u16 = 20_000;
-const PORT_BLOCKS: u64 = 2_000;
+/// Used when `/proc/sys/net/ipv4/ip_local_port_range` cannot be read (Linux's default low
+/// end).
+const EPHEMERAL_LOW_DEFAULT: u16 = 32_768;
 const PORT_STRIDE: u16 = 20;
 /// Blocks tried before giving up on finding free ports.
 const PORT_ATTEMPTS_MAX: u64 = 50;
@@ -56,8 +62,15 @@ impl Layout {
         let start = seed
             .wrapping_mul(0x9E37_79B9)
             .wrapping_add(pid as u64 * 7919);
+        let blocks = port_blocks(ephemeral_low());
+        if blocks == 0 {
+            return Err(format!(
+                "no ports below the ephemeral range (starts at {}) above {PORT_LOW}; lower net.ipv4.ip_local_port_range's start",
+                ephemeral_low()
+            ));
+        }
         for i in 0..PORT_ATTEMPTS_MAX {
-            let block = (start.wrapping_add(i * 131)) % PORT_BLOCKS;
+            let block = (start.wrapping_add(i * 131)) % blocks;
             let l = Layout {
                 base: PORT_LOW + block as u16 * PORT_STRIDE,
                 nodes,
@@ -75,6 +88,30 @@ impl Layout {
             "no free block of ports found in {PORT_ATTEMPTS_MAX} attempts"
         ))
     }
+}
+
+/// The last line of a node's log that reports an error, so a crash report says why.
+fn last_error_line(log: &Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let tail = &text[text.len().saturating_sub(64 * 1024)..];
+    String::from_utf8_lossy(tail)
+        .lines()
+        .rev()
+        .find(|l| l.contains("error") || l.contains("panicked"))
+        .map(|l| l.trim().chars().take(300).collect())
+}
+
+/// The first port the kernel may hand out to outgoing connections.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(EPHEMERAL_LOW_DEFAULT)
+}
+
+/// How many whole blocks fit between `PORT_LOW` and `limit` (exclusive).
+fn port_blocks(limit: u16) -> u64 {
+    (limit.saturating_sub(PORT_LOW) / PORT_STRIDE) as u64
 }
 
 /// One node position. Its id changes when the membership nemesis re-adds it.
@@ -268,11 +305,16 @@ impl Cluster {
     /// Notes processes that died on their own (a crash is a finding, and must be restarted).
     pub fn reap_exited(&mut self) -> Vec<(usize, String)> {
         let mut out = Vec::new();
-        for p in &mut self.nodes {
+        for slot in 0..self.nodes.len() {
+            let p = &mut self.nodes[slot];
             if let Some(c) = &mut p.child {
                 if let Ok(Some(st)) = c.try_wait() {
-                    out.push((p.slot, st.to_string()));
                     p.child = None;
+                    let why = match last_error_line(&self.log_path(slot)) {
+                        Some(l) => format!("{st}; its log says: {l}"),
+                        None => st.to_string(),
+                    };
+                    out.push((slot, why));
                 }
             }
         }
@@ -342,4 +384,41 @@ pub fn default_bin() -> PathBuf {
         }
     }
     Path::new("target/release/concord").to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_blocks_stay_below_the_ephemeral_range() {
+        assert_eq!(port_blocks(32_768), 638);
+        assert_eq!(port_blocks(PORT_LOW), 0);
+        assert_eq!(port_blocks(1024), 0);
+        let limit = ephemeral_low();
+        for seed in 0..200 {
+            if let Ok(l) = Layout::choose(5, seed, 4242) {
+                let top = l.port(4, PORTS_PER_NODE - 1);
+                assert!(
+                    top < limit,
+                    "port {top} reaches the ephemeral range at {limit}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn crash_reports_quote_the_nodes_error() {
+        let dir = std::env::temp_dir().join(format!("chaos-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("n.log");
+        std::fs::write(&p, "starting\nerror: binding 127.0.0.1:1: Address in use\n").unwrap();
+        assert_eq!(
+            last_error_line(&p).as_deref(),
+            Some("error: binding 127.0.0.1:1: Address in use")
+        );
+        std::fs::write(&p, "all fine\n").unwrap();
+        assert_eq!(last_error_line(&p), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
