@@ -48,7 +48,7 @@ struct DevArgs {
     #[arg(long, default_value_t = 2379)]
     base_port: u16,
     /// Take a snapshot every this many applied entries.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 100_000)]
     snapshot_every: u64,
 }
 

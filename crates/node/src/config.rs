@@ -81,7 +81,12 @@ pub struct NodeConfig {
     /// Peers refuse connections from another cluster; derived from `peers` when not set.
     pub cluster_id: u64,
     pub tick_ms: u64,
+    /// Leader heartbeat interval in ticks (default 1: every 10 ms; ReadIndex rounds of the
+    /// Multi-Paxos engine ride on heartbeats, so they stay frequent).
     pub heartbeat_ticks: u32,
+    /// Election timeout in ticks (default 100: 1 s, etcd's default). At 100 ms a single
+    /// slow fsync (hundreds of ms on a busy disk) let followers depose a healthy leader,
+    /// and every leader change fails the proposals in flight.
     pub election_ticks: u32,
     /// Take a state-machine snapshot and compact the log every this many applied entries.
     pub snapshot_every_entries: u64,
@@ -153,8 +158,8 @@ impl NodeConfig {
             cluster_id,
             tick_ms: 10,
             heartbeat_ticks: 1,
-            election_ticks: 10,
-            snapshot_every_entries: 10_000,
+            election_ticks: 100,
+            snapshot_every_entries: 100_000,
             limits: Limits::default(),
             in_memory: false,
         }
