@@ -270,6 +270,16 @@ impl NodeConfig {
 
     /// Parses a TOML file (see docs/node.md for the keys).
     pub fn from_toml(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::from_toml_with(text, None, None)
+    }
+
+    /// Like [`NodeConfig::from_toml`], with `id` and `peers` given on the command line
+    /// taking the place of (or overriding) the file's.
+    pub fn from_toml_with(
+        text: &str,
+        id: Option<NodeId>,
+        peers: Option<BTreeMap<NodeId, SocketAddr>>,
+    ) -> Result<NodeConfig, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let field = e
                 .message()
@@ -279,12 +289,13 @@ impl NodeConfig {
                 .to_string();
             ConfigError::new(field, e.message().to_string())
         })?;
-        let id = raw
-            .id
+        let id = id
+            .or(raw.id)
             .ok_or_else(|| ConfigError::new("id", "is required"))?;
-        let peers = match raw.peers {
-            Some(p) => parse_peers(&p)?,
-            None => return Err(ConfigError::new("peers", "is required")),
+        let peers = match (peers, raw.peers) {
+            (Some(p), _) => p,
+            (None, Some(p)) => parse_peers(&p)?,
+            (None, None) => return Err(ConfigError::new("peers", "is required")),
         };
         let mut c = NodeConfig::new(id, peers);
         if let Some(n) = raw.name {
@@ -457,6 +468,19 @@ mod tests {
         assert!(e.reason.contains("bogus"), "{e}");
         let e = NodeConfig::from_toml("name = \"x\"").unwrap_err();
         assert_eq!(e.field, "id");
+    }
+
+    #[test]
+    fn flags_fill_in_what_the_file_leaves_out() {
+        let c =
+            NodeConfig::from_toml_with("election-ticks = 50\n", Some(3), Some(peers3())).unwrap();
+        assert_eq!((c.id, c.election_ticks), (3, 50));
+        assert_eq!(c.peers, peers3());
+        let e = NodeConfig::from_toml_with("election-ticks = 50\n", Some(3), None).unwrap_err();
+        assert_eq!(e.field, "peers");
+        // The flag wins over the file.
+        let c = NodeConfig::from_toml_with("id = 1\n", Some(2), Some(peers3())).unwrap();
+        assert_eq!(c.id, 2);
     }
 
     #[test]
