@@ -22,6 +22,11 @@ const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 const LATENCY_MAX_US: u64 = 60_000_000;
 /// Keys written in parallel while preloading for `get` and `txn`.
 const PRELOAD_PARALLEL_MAX: usize = 64;
+/// Attempts per preloaded key: a leader change fails the writes in flight with a
+/// retryable error, which should not end a long preload.
+const PRELOAD_ATTEMPTS_MAX: u32 = 5;
+/// Pause before retrying a failed preload write.
+const PRELOAD_RETRY_BACKOFF: Duration = Duration::from_millis(200);
 
 /// What one run measured.
 #[derive(Clone, Debug)]
@@ -173,9 +178,18 @@ async fn preload(channels: &[Channel], keys: u64, value: &[u8]) -> Result<(), St
                 if k >= keys {
                     return Ok::<(), String>(());
                 }
-                one_op(&mut client, Op::Put, key(k), &value, false)
-                    .await
-                    .map_err(|e| format!("preload put: {}", e.message()))?;
+                let mut attempt = 1;
+                while let Err(e) = one_op(&mut client, Op::Put, key(k), &value, false).await {
+                    if attempt >= PRELOAD_ATTEMPTS_MAX {
+                        return Err(format!(
+                            "preload put of key {k}: {} (after {attempt} attempts)",
+                            e.message()
+                        ));
+                    }
+                    eprintln!("preload put of key {k}: {}; retrying", e.message());
+                    attempt += 1;
+                    tokio::time::sleep(PRELOAD_RETRY_BACKOFF).await;
+                }
             }
         }));
     }
