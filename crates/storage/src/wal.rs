@@ -964,7 +964,7 @@ impl<D: Disk> LogStore for Wal<D> {
             return Ok(false);
         }
         self.recovered = None;
-        self.snaps.prune(&mut self.disk)?;
+        // The writer pruned older snapshot files already.
         self.apply_snapshot_to_log(meta.index, meta.term)?;
         Ok(true)
     }
