@@ -22,7 +22,7 @@
 
 use std::fmt;
 
-use loona_hpack::Decoder;
+use crate::hpack::{encode_block, Decoder};
 
 use crate::limits::{
     DECODED_HEADER_LIST_BYTES_MAX, HEADER_BLOCK_BYTES_MAX, HPACK_TABLE_BYTES_MAX,
@@ -148,8 +148,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// A decoded header list: (name, value) pairs in block order.
-pub type HeaderList = Vec<(Vec<u8>, Vec<u8>)>;
+pub use crate::hpack::HeaderList;
 
 /// Applies [`fix_authority`] to the `:authority` fields of `headers`; returns whether
 /// anything changed.
@@ -175,49 +174,10 @@ pub fn repair_headers(headers: &mut HeaderList) -> bool {
     changed
 }
 
-/// Appends the HPACK integer representation (RFC 7541, section 5.1) of `value` with an
-/// N-bit prefix; `flags` holds the bits of the first byte above the prefix.
-pub fn encode_integer(value: usize, prefix_bits: u8, flags: u8, out: &mut Vec<u8>) {
-    assert!(
-        (1..=8).contains(&prefix_bits),
-        "HPACK prefixes are 1..=8 bits"
-    );
-    let max_prefix = (1usize << prefix_bits) - 1;
-    if value < max_prefix {
-        out.push(flags | value as u8);
-        return;
-    }
-    out.push(flags | max_prefix as u8);
-    let mut rest = value - max_prefix;
-    while rest >= 0x80 {
-        out.push((rest & 0x7f) as u8 | 0x80);
-        rest >>= 7;
-    }
-    out.push(rest as u8);
-}
-
-fn encode_string(s: &[u8], out: &mut Vec<u8>) {
-    // No Huffman coding: the relay trades a few bytes on loopback for simplicity.
-    encode_integer(s.len(), 7, 0x00, out);
-    out.extend_from_slice(s);
-}
-
-/// Encodes `headers` as an HPACK block that touches no dynamic table: every field is a
-/// "literal header field without indexing" with a literal name (RFC 7541, section 6.2.2).
-/// Fields the client marked "never indexed" lose that mark; the server is the last hop,
-/// and it indexes nothing it is sent this way either.
-pub fn encode_block(headers: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<u8>) {
-    for (name, value) in headers {
-        out.push(0x00);
-        encode_string(name, out);
-        encode_string(value, out);
-    }
-}
-
 /// Decodes one complete header block with `decoder`, whose dynamic table the block may
 /// read and update.
 pub fn decode_block(
-    decoder: &mut Decoder<'static>,
+    decoder: &mut Decoder,
     stream_id: u32,
     block: &[u8],
 ) -> Result<HeaderList, RelayError> {
@@ -225,14 +185,14 @@ pub fn decode_block(
     let mut list_bytes = 0usize;
     let mut overflow = false;
     decoder
-        .decode_with_cb(block, |name, value| {
+        .decode(block, |name, value| {
             // The decoder must run to the end of the block to keep its table in step, so
             // an oversized list stops being collected rather than stopping the decode.
             list_bytes += name.len() + value.len() + HEADER_FIELD_OVERHEAD_BYTES;
             if list_bytes > DECODED_HEADER_LIST_BYTES_MAX {
                 overflow = true;
             } else {
-                headers.push((name.into_owned(), value.into_owned()));
+                headers.push((name.to_vec(), value.to_vec()));
             }
         })
         .map_err(|e| RelayError::Hpack {
@@ -247,10 +207,8 @@ pub fn decode_block(
 
 /// A new HPACK decoder with the protocol's initial table size and our upper bound on
 /// table size updates.
-pub fn new_decoder() -> Decoder<'static> {
-    let mut decoder = Decoder::new();
-    decoder.set_max_allowed_table_size(HPACK_TABLE_BYTES_MAX);
-    decoder
+pub fn new_decoder() -> Decoder {
+    Decoder::new(HPACK_TABLE_BYTES_MAX)
 }
 
 fn push_frame_header(len: usize, kind: u8, flags: u8, stream_id: u32, out: &mut Vec<u8>) {
@@ -336,7 +294,7 @@ impl FrameHeader {
 /// documentation for the phases.
 pub struct Rewriter {
     phase: Phase,
-    decoder: Decoder<'static>,
+    decoder: Decoder,
     /// Input received but not yet consumed (a partial frame header or header frame).
     pending: Vec<u8>,
     /// Payload bytes of the current pass-through frame still to be copied.
@@ -573,7 +531,8 @@ impl Rewriter {
                 self.phase = Phase::Direct;
                 return Ok(());
             }
-            tracing::info!(
+            // Debug, not info: etcdctl health loops would otherwise log every connection.
+            tracing::debug!(
                 "etcd API: client sent a malformed :authority; relaying this connection \
                  with the authority repaired"
             );
@@ -590,6 +549,7 @@ impl Rewriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hpack::{encode_integer, encode_string};
 
     /// What etcdctl 3.4.23 sent for `--endpoints=http://127.0.0.1:23799 endpoint status`
     /// on the connection that carried the request, captured on this machine: preface,

@@ -11,6 +11,7 @@ pub mod conn;
 pub mod convert;
 pub mod error;
 pub mod h2relay;
+pub mod hpack;
 pub mod kv;
 pub mod lease;
 pub mod limits;

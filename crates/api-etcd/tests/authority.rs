@@ -6,7 +6,8 @@
 mod common;
 
 use common::{start, WAIT};
-use concord_api_etcd::h2relay::{encode_block, encode_integer, CLIENT_PREFACE};
+use concord_api_etcd::h2relay::CLIENT_PREFACE;
+use concord_api_etcd::hpack::{encode_block, encode_integer};
 use concord_api_etcd::proto::etcdserverpb as pb;
 use loona_hpack::Decoder;
 use prost::Message;
