@@ -227,3 +227,41 @@ async fn malformed_block_on_a_relayed_connection_is_closed() {
     expect_closed(&mut sock).await;
     assert!(h.get("x").await.header.is_some());
 }
+
+#[tokio::test]
+async fn a_normal_client_is_handed_to_the_socket_after_its_first_header_block() {
+    use concord_api_etcd::conn::EtcdConn;
+    use concord_api_etcd::h2relay::Phase;
+    use pb::kv_client::KvClient;
+    use tonic::transport::Channel;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = tokio::spawn(async move {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        // No server answers; only the request's bytes matter here.
+        let _ = KvClient::new(channel)
+            .range(pb::RangeRequest::default())
+            .await;
+    });
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut conn = EtcdConn::new(tcp);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        while conn.is_rewriting() {
+            let n = conn.read(&mut buf).await.expect("read");
+            assert!(n > 0, "client closed early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("sniffer steps aside");
+    assert_eq!(conn.phase(), Phase::Direct);
+    assert!(seen.starts_with(CLIENT_PREFACE));
+    client.abort();
+}
