@@ -7,8 +7,11 @@
 
 pub mod backend;
 pub mod cluster;
+pub mod conn;
 pub mod convert;
 pub mod error;
+pub mod h2relay;
+pub mod hpack;
 pub mod kv;
 pub mod lease;
 pub mod limits;

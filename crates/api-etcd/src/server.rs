@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 
@@ -58,22 +56,18 @@ pub fn router<B: Backend>(backend: Arc<B>, config: EtcdApiConfig) -> Router {
         )
 }
 
-/// Serves the etcd API on `listener` until `shutdown` resolves.
+/// Serves the etcd API on `listener` until `shutdown` resolves. Accepted sockets get
+/// TCP_NODELAY and the `:authority` repair of [`crate::conn`]; a caller that serves
+/// [`router`] on its own listener should pass [`crate::conn::incoming`] the same way.
 pub async fn serve<B: Backend>(
     backend: Arc<B>,
     config: EtcdApiConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    // Small request/response exchanges must not wait for Nagle's algorithm to meet the
-    // peer's delayed ACK (about 40 ms per round trip otherwise).
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            let _ = stream.set_nodelay(true);
-        })
-    });
+    // `incoming` sets TCP_NODELAY and puts the `:authority` sniffer in front of tonic.
     router(backend, config)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(crate::conn::incoming(listener), shutdown)
         .await
 }
 
