@@ -2,14 +2,8 @@
 
 use crate::group::{GroupHandle, MemberInfo as NodeMember, NodeError};
 use crate::kvsm::{now_ms, KvMachine};
-use concord_api_etcd::proto::etcdserverpb as pb;
 use concord_api_etcd::{
-    cluster::ClusterService,
-    kv::KvService,
-    lease::LeaseService,
-    maintenance::MaintenanceService,
-    watch::{WatchService, WatchServiceConfig},
-    Backend, BackendError, EventFeed, HeaderStamp, MemberInfo, NodeStatus,
+    Backend, BackendError, EtcdApiConfig, EventFeed, HeaderStamp, MemberInfo, NodeStatus,
 };
 use concord_consensus::{ConfChange, ConfChangeItem, NodeId};
 use concord_kv as kv;
@@ -239,33 +233,17 @@ impl Backend for NodeBackend {
     }
 }
 
-/// Serves the etcd v3 gRPC API on `listener` until `shutdown` turns true.
+/// Serves the etcd v3 gRPC API on `listener` until `shutdown` turns true: api-etcd's
+/// router (request size limits) behind its connection layer (TCP_NODELAY and the repair
+/// of etcdctl's `http://` authorities).
 pub async fn serve(
     backend: Arc<NodeBackend>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_service(pb::kv_server::KvServer::new(KvService::new(
-            backend.clone(),
-        )))
-        .add_service(pb::lease_server::LeaseServer::new(LeaseService::new(
-            backend.clone(),
-        )))
-        .add_service(pb::cluster_server::ClusterServer::new(ClusterService::new(
-            backend.clone(),
-        )))
-        .add_service(pb::watch_server::WatchServer::new(WatchService::new(
-            backend.clone(),
-            WatchServiceConfig::default(),
-        )))
-        .add_service(pb::maintenance_server::MaintenanceServer::new(
-            MaintenanceService::new(backend),
-        ))
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await
-        .map_err(|e| format!("etcd API server: {e}"))
+    concord_api_etcd::serve(backend, EtcdApiConfig::default(), listener, async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    })
+    .await
+    .map_err(|e| format!("etcd API server: {e}"))
 }
