@@ -145,6 +145,12 @@ for n in 1 2 3; do expect_has "member node$n listed" "node$n" "$ML"; done
 ST="$(ctl endpoint status)"
 expect_eq "endpoint status answers on all 3" "3" "$(echo "$ST" | grep -c "127.0.0.1")"
 expect_eq "exactly one leader" "1" "$(echo "$ST" | grep -c ', true, false,')"
+# etcdctl sends a scheme-prefixed endpoint as the HTTP/2 :authority; api-etcd repairs it.
+HTTP_EPS="$(echo "$EPS" | sed -E 's#(^|,)#\1http://#g')"
+STH="$(etcdctl --endpoints="$HTTP_EPS" --command-timeout=10s endpoint status 2>&1)"
+expect_eq "endpoint status with http:// endpoints on all 3" "3" "$(echo "$STH" | grep -c "^http://127.0.0.1")"
+STC="$(etcdctl --endpoints="$HTTP_EPS" --command-timeout=10s endpoint status --cluster 2>&1)"
+expect_eq "endpoint status --cluster on all 3" "3" "$(echo "$STC" | grep -c "^http://127.0.0.1")"
 HL="$(ctl endpoint health 2>&1)"
 expect_eq "endpoint health on all 3" "3" "$(echo "$HL" | grep -c "is healthy")"
 expect_has "concord status" "Leader" "$("$BIN" status --endpoints "127.0.0.1:$((BASE + 2)),127.0.0.1:$((BASE + 102)),127.0.0.1:$((BASE + 202))")"
