@@ -54,6 +54,16 @@ pub(crate) async fn range<B: Backend>(
     Ok(convert::range_response(resp, &backend.header()))
 }
 
+/// etcd's rule: a transaction may be served without a read barrier when every operation of
+/// both branches is a range marked serializable. Unlike etcd, a transaction with no
+/// operations at all (only compares) is not: its outcome is still read linearizably.
+fn txn_is_serializable(req: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request;
+    let ops = || req.success.iter().chain(&req.failure);
+    ops().next().is_some()
+        && ops().all(|op| matches!(&op.request, Some(Request::RequestRange(r)) if r.serializable))
+}
+
 #[tonic::async_trait]
 impl<B: Backend> pb::kv_server::Kv for KvService<B> {
     async fn range(
@@ -102,14 +112,17 @@ impl<B: Backend> pb::kv_server::Kv for KvService<B> {
     ) -> Result<Response<pb::TxnResponse>, Status> {
         let req = request.into_inner();
         check_request_size(req.encoded_len())?;
-        let cmd = kv::Command::Txn(convert::txn_request(req)?);
-        match propose(&*self.backend, cmd).await? {
-            kv::ResponseBody::Txn(r) => Ok(Response::new(convert::txn_response(
-                r,
-                &self.backend.header(),
-            ))),
-            other => Err(unexpected("txn", &other)),
-        }
+        let serializable = txn_is_serializable(&req);
+        let txn = convert::txn_request(req)?;
+        let r = self
+            .backend
+            .txn(txn, serializable)
+            .await
+            .map_err(backend_status)?;
+        Ok(Response::new(convert::txn_response(
+            r,
+            &self.backend.header(),
+        )))
     }
 
     async fn compact(
