@@ -226,7 +226,8 @@ mod tests {
         let mut store = KvStore::new();
         let mut index = 0;
         let mut g = Gen(7);
-        let mut checked = 0;
+        // (errors, took success, took failure): every kind of outcome must be covered.
+        let mut seen = (0, 0, 0);
         for round in 0..400 {
             // Mutate a little, sometimes compact, then compare answers.
             index += 1;
@@ -255,10 +256,14 @@ mod tests {
                 ResponseBody::Txn(t) => t,
                 other => panic!("txn answered with {other:?}"),
             });
+            match &mine {
+                Err(_) => seen.0 += 1,
+                Ok(t) if t.succeeded => seen.1 += 1,
+                Ok(_) => seen.2 += 1,
+            }
             assert_eq!(mine, applied, "round {round}: {txn:?}");
-            checked += 1;
         }
-        assert_eq!(checked, 400);
+        assert!(seen.0 > 20 && seen.1 > 20 && seen.2 > 20, "{seen:?}");
     }
 
     #[test]
