@@ -182,7 +182,7 @@ mod tests {
             }
         }
         fn txn(&mut self, depth: usize) -> TxnRequest {
-            let mut branch = |g: &mut Gen| {
+            let branch = |g: &mut Gen| {
                 (0..g.next(3))
                     .map(|_| {
                         if depth < 3 && g.next(5) == 0 {

@@ -1,6 +1,7 @@
 //! Membership changes through any member, learner promotion checks, fail-fast on a leader
 //! change, and read-only transactions served without the log. Three (or four) nodes in one
-//! process over loopback TCP, in-memory logs; every wait is bounded.
+//! process over loopback TCP, in-memory logs; every wait is bounded. Ports stay below
+//! Linux's ephemeral range (32768+) so an outgoing connection cannot take one first.
 
 use concord_api_etcd::{Backend, BackendError};
 use concord_kv::{
