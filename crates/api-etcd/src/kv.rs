@@ -143,3 +143,35 @@ impl<B: Backend> pb::kv_server::Kv for KvService<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::request_op::Request;
+
+    fn range(serializable: bool) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(Request::RequestRange(pb::RangeRequest {
+                key: b"k".to_vec(),
+                serializable,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn serializable_only_when_every_op_is_a_serializable_range() {
+        let txn = |success, failure| pb::TxnRequest {
+            compare: Vec::new(),
+            success,
+            failure,
+        };
+        assert!(txn_is_serializable(&txn(vec![range(true)], vec![range(true)])));
+        assert!(!txn_is_serializable(&txn(vec![range(true)], vec![range(false)])));
+        assert!(!txn_is_serializable(&txn(Vec::new(), Vec::new())));
+        let nested = pb::RequestOp {
+            request: Some(Request::RequestTxn(txn(vec![range(true)], Vec::new()))),
+        };
+        assert!(!txn_is_serializable(&txn(vec![range(true), nested], Vec::new())));
+    }
+}
