@@ -166,12 +166,21 @@ mod tests {
             success,
             failure,
         };
-        assert!(txn_is_serializable(&txn(vec![range(true)], vec![range(true)])));
-        assert!(!txn_is_serializable(&txn(vec![range(true)], vec![range(false)])));
+        assert!(txn_is_serializable(&txn(
+            vec![range(true)],
+            vec![range(true)]
+        )));
+        assert!(!txn_is_serializable(&txn(
+            vec![range(true)],
+            vec![range(false)]
+        )));
         assert!(!txn_is_serializable(&txn(Vec::new(), Vec::new())));
         let nested = pb::RequestOp {
             request: Some(Request::RequestTxn(txn(vec![range(true)], Vec::new()))),
         };
-        assert!(!txn_is_serializable(&txn(vec![range(true), nested], Vec::new())));
+        assert!(!txn_is_serializable(&txn(
+            vec![range(true), nested],
+            Vec::new()
+        )));
     }
 }
