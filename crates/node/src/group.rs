@@ -1013,6 +1013,13 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         if self.conf_waiters.len() >= CONF_WAITERS_MAX {
             return Err(NodeError::TooManyRequests);
         }
+        // The core takes one change at a time. Refusing here, before the `Member` entry of
+        // an add is proposed, keeps the member table free of members never added.
+        if !self.conf_waiters.is_empty() {
+            return Err(NodeError::Rejected(
+                "another membership change is in progress; retry".into(),
+            ));
+        }
         let conf = self.replica.status().conf;
         let all = conf.all_nodes();
         let (item, id) = match op {
