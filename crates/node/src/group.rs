@@ -554,8 +554,9 @@ struct Driver<R: Replica, SM: StateMachine> {
     next_member_seq: u64,
     /// The (term, leader) seen at the end of the previous round.
     seen: Via,
-    /// Set when the leader changed: once `applied` reaches this commit index, requests
-    /// handed to an earlier leader are failed with `LeaderChanged`.
+    /// Set when the term changed: once `applied` reaches this commit index and an entry
+    /// of the current term is applied, requests handed to an earlier term's leader are
+    /// failed with `LeaderChanged` (see `check_leadership`).
     stale_after: Option<u64>,
     applied: u64,
     applied_term: u64,
@@ -1133,18 +1134,28 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         }
     }
 
-    /// Called once per round after the `Ready`s. When the term or the leader changed,
-    /// requests handed to the old leader may never commit; instead of letting them wait for
-    /// their deadline, they fail fast with `LeaderChanged` (etcd's "leader changed"), as
-    /// etcd does. To never report failure for a request known to be committed, this waits
-    /// until everything known committed when the change was seen has been applied here
-    /// (those requests are answered by apply). What is not yet known committed may still
-    /// commit under the new leader: then the outcome is unknown to the client, exactly as
-    /// after a timeout. Reads carry no such risk and are re-issued to the new leader.
+    /// Called once per round after the `Ready`s.
+    ///
+    /// Requests handed to the leader of an earlier term are failed with `LeaderChanged`
+    /// (etcd's "leader changed") as soon as they provably can no longer commit, instead
+    /// of waiting for their deadline. That moment is when this node has applied an entry
+    /// of the current term (a new Raft leader's first entry, a new Multi-Paxos leader's
+    /// first slot in its ballot): every entry of an earlier term that will ever commit
+    /// lies before it, so it has been applied and its client answered with the real
+    /// result; an earlier-term request still waiting was lost with the old leader. So a
+    /// request known committed is never failed, and one that fails here did not commit
+    /// (with Multi-Paxos, values re-proposed by the new leader carry its ballot, so the
+    /// rule also waits until the commit index seen at the change is applied, which covers
+    /// the re-proposed slots in practice). A leader that merely becomes unknown, with no
+    /// new term, fails nothing: the old one may still be alive. Reads are different: they
+    /// have no effect, so those waiting on the old leader are re-issued at once.
     fn check_leadership(&mut self) {
         let st = self.replica.status();
         let now = (st.term, st.leader);
         if now != self.seen {
+            if now.0 > self.seen.0 {
+                self.stale_after = Some(self.stale_after.unwrap_or(0).max(st.commit));
+            }
             self.seen = now;
             for (_, (_, ws)) in std::mem::take(&mut self.reads_by_ctx) {
                 // A remote reader re-asks the new leader itself once it sees the change.
@@ -1153,23 +1164,21 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                         .filter(|w| matches!(w, ReadWaiter::Local(..))),
                 );
             }
-            self.stale_after = Some(self.stale_after.unwrap_or(0).max(st.commit));
         }
         if let Some(c) = self.stale_after {
-            if self.applied >= c {
+            if self.applied >= c && self.applied_term >= st.term {
                 self.stale_after = None;
-                self.fail_stale();
+                self.fail_stale(st.term);
             }
         }
     }
 
-    /// Fails every request handed to a (term, leader) other than the current one.
-    fn fail_stale(&mut self) {
-        let cur = self.seen;
+    /// Fails every request handed to a leader of a term before `term`.
+    fn fail_stale(&mut self, term: u64) {
         let stale: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.proposed && p.via != cur)
+            .filter(|(_, p)| p.proposed && p.via.0 < term)
             .map(|(s, _)| *s)
             .collect();
         for seq in stale {
@@ -1177,11 +1186,10 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 let _ = p.reply.send(Err(NodeError::LeaderChanged));
             }
         }
-        let leading = cur.1 == self.id;
         let (old, keep): (Vec<ConfWaiter>, Vec<ConfWaiter>) =
             std::mem::take(&mut self.conf_waiters)
                 .into_iter()
-                .partition(|w| !leading || w.term != cur.0);
+                .partition(|w| w.term < term);
         self.conf_waiters = keep;
         for w in old {
             self.answer_conf(w.who, Err(NodeError::LeaderChanged));
@@ -1189,7 +1197,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         let old: Vec<u64> = self
             .member_forwarded
             .iter()
-            .filter(|(_, f)| f.via != cur)
+            .filter(|(_, f)| f.via.0 < term)
             .map(|(s, _)| *s)
             .collect();
         for seq in old {

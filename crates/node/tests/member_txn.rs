@@ -347,3 +347,62 @@ async fn read_only_txn_skips_the_log() {
     assert!(f.backend.with_store(|s| s.get(b"c")).is_some());
     stop_all(nodes).await;
 }
+
+/// Leadership moves twice while eight clients write through a follower. The fail-fast
+/// rule must not fail writes that still commit under the new leader: Raft's transfer
+/// waits until the new leader holds every entry, so every write must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_transfer_under_load_fails_no_write() {
+    let nodes = cluster(Engine::Raft, 23379, |_| {}).await;
+    let first = agreed_leader(&nodes).await;
+    let ids: Vec<u64> = nodes.iter().map(|n| n.config.id).collect();
+    let others: Vec<u64> = ids.iter().copied().filter(|&i| i != first).collect();
+    let (writer_id, target) = (others[0], others[1]);
+    let writer = nodes.iter().find(|n| n.config.id == writer_id).unwrap();
+    write(writer, "warm", "up").await;
+    let backend = writer.backend.clone();
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let b = backend.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for i in 0..100 {
+                if let Err(e) = b.propose(put(&format!("t{c}-{i}"), "v")).await {
+                    errors.push(e);
+                }
+            }
+            errors
+        }));
+    }
+    let handle = |id: u64| &nodes.iter().find(|n| n.config.id == id).unwrap().kv;
+    // Move leadership to `target`, then back to `first`, while the writes run.
+    for (from, to) in [(first, target), (target, first)] {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        handle(from).transfer_leader(to).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handle(to).status().leader != to {
+            assert!(Instant::now() < deadline, "transfer to {to} did not happen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    for t in tasks {
+        let errors = t.await.unwrap();
+        assert!(
+            errors.is_empty(),
+            "writes failed across a transfer: {errors:?}"
+        );
+    }
+    writer.backend.read_barrier().await.unwrap();
+    let count = writer.backend.with_store(|s| {
+        s.range(&RangeRequest {
+            key: b"t".to_vec(),
+            range_end: b"u".to_vec(),
+            count_only: true,
+            ..Default::default()
+        })
+        .unwrap()
+        .count
+    });
+    assert_eq!(count, 800);
+    stop_all(nodes).await;
+}
