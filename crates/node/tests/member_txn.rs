@@ -216,8 +216,17 @@ async fn caught_up_learner_is_promoted_via_a_follower() {
 /// write with etcd's "leader changed" (its outcome is unknown), the read re-issued to the
 /// new leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_through_a_dead_leader_fail_fast() {
-    let nodes = cluster(Engine::Raft, 27379, |c| {
+async fn raft_requests_through_a_dead_leader_fail_fast() {
+    dead_leader(Engine::Raft, 27379).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paxos_requests_through_a_dead_leader_fail_fast() {
+    dead_leader(Engine::Paxos, 20379).await;
+}
+
+async fn dead_leader(engine: Engine, base: u16) {
+    let nodes = cluster(engine, base, |c| {
         c.limits.request_timeout_ms = 30_000;
         // A wide election timeout (0.5-1 s) so the follower still names the dead leader
         // when the requests go out.
@@ -252,7 +261,7 @@ async fn requests_through_a_dead_leader_fail_fast() {
     );
     match w {
         Err(BackendError::LeaderChanged) => {}
-        other => panic!("write through a dead leader: {other:?}"),
+        other => panic!("{engine:?}: write through a dead leader: {other:?}"),
     }
     r.expect("read re-issued to the new leader");
     assert_ne!(f.kv.status().leader, leader);
