@@ -413,7 +413,7 @@ where
         member_applying: Vec::new(),
         next_member_seq: 1,
         seen: (0, NO_NODE),
-        stale_after: None,
+        stale: Stale::Idle,
         applied,
         applied_term,
         snapshot_index,
@@ -466,6 +466,23 @@ fn unwrap_snapshot(data: &[u8]) -> Result<(BTreeMap<NodeId, MemberInfo>, &[u8]),
     let members =
         serde_json::from_slice(&body[..n]).map_err(|e| format!("snapshot member table: {e}"))?;
     Ok((members, &body[n..]))
+}
+
+/// Where the loop is in proving that requests handed to an earlier term cannot commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stale {
+    Idle,
+    /// The term changed: wait until `commit` (the commit index seen then) is applied and an
+    /// entry of the current term has been applied here.
+    WaitTerm {
+        commit: u64,
+    },
+    /// Then wait until `last` (this node's last log index at that moment) is applied, and
+    /// fail what is still waiting from a term before `term`.
+    WaitLog {
+        last: u64,
+        term: u64,
+    },
 }
 
 /// The term and leader a request was handed to. When the node observes another pair,
@@ -554,10 +571,9 @@ struct Driver<R: Replica, SM: StateMachine> {
     next_member_seq: u64,
     /// The (term, leader) seen at the end of the previous round.
     seen: Via,
-    /// Set when the term changed: once `applied` reaches this commit index and an entry
-    /// of the current term is applied, requests handed to an earlier term's leader are
-    /// failed with `LeaderChanged` (see `check_leadership`).
-    stale_after: Option<u64>,
+    /// Progress towards failing requests handed to an earlier term's leader (see
+    /// `check_leadership`).
+    stale: Stale,
     applied: u64,
     applied_term: u64,
     snapshot_index: u64,
@@ -1137,24 +1153,38 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
     /// Called once per round after the `Ready`s.
     ///
     /// Requests handed to the leader of an earlier term are failed with `LeaderChanged`
-    /// (etcd's "leader changed") as soon as they provably can no longer commit, instead
-    /// of waiting for their deadline. That moment is when this node has applied an entry
-    /// of the current term (a new Raft leader's first entry, a new Multi-Paxos leader's
-    /// first slot in its ballot): every entry of an earlier term that will ever commit
-    /// lies before it, so it has been applied and its client answered with the real
-    /// result; an earlier-term request still waiting was lost with the old leader. So a
-    /// request known committed is never failed, and one that fails here did not commit
-    /// (with Multi-Paxos, values re-proposed by the new leader carry its ballot, so the
-    /// rule also waits until the commit index seen at the change is applied, which covers
-    /// the re-proposed slots in practice). A leader that merely becomes unknown, with no
-    /// new term, fails nothing: the old one may still be alive. Reads are different: they
-    /// have no effect, so those waiting on the old leader are re-issued at once.
+    /// (etcd's "leader changed") once they provably can no longer commit, instead of
+    /// waiting for their deadline:
+    ///
+    /// 1. The term changed: wait until the commit index seen then is applied and an entry
+    ///    of the current term has been applied here (a new Raft leader's first entry, a
+    ///    slot chosen in the new Multi-Paxos ballot).
+    /// 2. Then wait until this node's last log index at that moment is applied. With Raft
+    ///    every earlier-term entry that will ever commit lies before the new term's first
+    ///    entry, so step 1 already suffices. A new Multi-Paxos leader re-proposes values
+    ///    of earlier ballots in its own ballot, at slots it holds in its log; a follower
+    ///    holds the values it accepted (an acceptor never forgets one of a later slot), so
+    ///    applying its whole log covers them.
+    ///
+    /// Everything that commits is then applied and answered with its real result, so a
+    /// request known committed is never failed. If the log never reaches that index (no
+    /// new writes after a lost suffix) requests wait for their deadline as before. A leader
+    /// that merely becomes unknown, with no new term, fails nothing: the old one may still
+    /// be alive. Reads have no effect, so those waiting on the old leader are re-issued at
+    /// once.
     fn check_leadership(&mut self) {
         let st = self.replica.status();
         let now = (st.term, st.leader);
         if now != self.seen {
             if now.0 > self.seen.0 {
-                self.stale_after = Some(self.stale_after.unwrap_or(0).max(st.commit));
+                tracing::debug!(
+                    node = self.id,
+                    group = self.group,
+                    term = now.0,
+                    leader = now.1,
+                    "term changed"
+                );
+                self.stale = Stale::WaitTerm { commit: st.commit };
             }
             self.seen = now;
             for (_, (_, ws)) in std::mem::take(&mut self.reads_by_ctx) {
@@ -1165,10 +1195,18 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 );
             }
         }
-        if let Some(c) = self.stale_after {
-            if self.applied >= c && self.applied_term >= st.term {
-                self.stale_after = None;
-                self.fail_stale(st.term);
+        if let Stale::WaitTerm { commit } = self.stale {
+            if self.applied >= commit && self.applied_term >= st.term {
+                self.stale = Stale::WaitLog {
+                    last: st.last_index,
+                    term: st.term,
+                };
+            }
+        }
+        if let Stale::WaitLog { last, term } = self.stale {
+            if self.applied >= last {
+                self.stale = Stale::Idle;
+                self.fail_stale(term);
             }
         }
     }

@@ -358,11 +358,20 @@ async fn read_only_txn_skips_the_log() {
 }
 
 /// Leadership moves twice while eight clients write through a follower. The fail-fast
-/// rule must not fail writes that still commit under the new leader: Raft's transfer
-/// waits until the new leader holds every entry, so every write must succeed.
+/// rule must not fail writes that still commit under the new leader: a transfer waits
+/// until the new leader holds every entry (both engines), so every write must succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_transfer_under_load_fails_no_write() {
-    let nodes = cluster(Engine::Raft, 23379, |_| {}).await;
+async fn raft_leader_transfer_under_load_fails_no_write() {
+    transfer_under_load(Engine::Raft, 23379).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paxos_leader_transfer_under_load_fails_no_write() {
+    transfer_under_load(Engine::Paxos, 19379).await;
+}
+
+async fn transfer_under_load(engine: Engine, base: u16) {
+    let nodes = cluster(engine, base, |_| {}).await;
     let first = agreed_leader(&nodes).await;
     let ids: Vec<u64> = nodes.iter().map(|n| n.config.id).collect();
     let others: Vec<u64> = ids.iter().copied().filter(|&i| i != first).collect();
@@ -390,7 +399,10 @@ async fn leader_transfer_under_load_fails_no_write() {
         handle(from).transfer_leader(to).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while handle(to).status().leader != to {
-            assert!(Instant::now() < deadline, "transfer to {to} did not happen");
+            assert!(
+                Instant::now() < deadline,
+                "{engine:?}: transfer to {to} did not happen"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
