@@ -180,6 +180,31 @@ pub trait Backend: Send + Sync + 'static {
     /// Serializable reads skip it.
     fn read_barrier(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
 
+    /// Runs a transaction and returns its response. `serializable` is true when every
+    /// operation of both branches is a range the client marked serializable (etcd's
+    /// rule), so a member may answer from its local state without a read barrier.
+    ///
+    /// The default replicates it like any write. A node may instead serve a transaction
+    /// without puts or deletes (at any nesting level) from its local store, after a read
+    /// barrier unless `serializable`, evaluating every compare and range at one revision.
+    fn txn(
+        &self,
+        req: kv::TxnRequest,
+        serializable: bool,
+    ) -> impl Future<Output = Result<kv::TxnResponse, BackendError>> + Send {
+        let _ = serializable;
+        async move {
+            let resp = self.propose(kv::Command::Txn(req)).await?;
+            match resp.result {
+                Ok(kv::ResponseBody::Txn(r)) => Ok(r),
+                Ok(other) => Err(BackendError::Internal(format!(
+                    "txn answered with {other:?}"
+                ))),
+                Err(e) => Err(BackendError::Kv(e)),
+            }
+        }
+    }
+
     /// Runs `f` on the local store. Must not block for long: hold the store lock only
     /// for the duration of `f`.
     fn with_store<R>(&self, f: impl FnOnce(&kv::KvStore) -> R) -> R;

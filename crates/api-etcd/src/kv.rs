@@ -54,6 +54,16 @@ pub(crate) async fn range<B: Backend>(
     Ok(convert::range_response(resp, &backend.header()))
 }
 
+/// etcd's rule: a transaction may be served without a read barrier when every operation of
+/// both branches is a range marked serializable. Unlike etcd, a transaction with no
+/// operations at all (only compares) is not: its outcome is still read linearizably.
+fn txn_is_serializable(req: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request;
+    let ops = || req.success.iter().chain(&req.failure);
+    ops().next().is_some()
+        && ops().all(|op| matches!(&op.request, Some(Request::RequestRange(r)) if r.serializable))
+}
+
 #[tonic::async_trait]
 impl<B: Backend> pb::kv_server::Kv for KvService<B> {
     async fn range(
@@ -102,14 +112,17 @@ impl<B: Backend> pb::kv_server::Kv for KvService<B> {
     ) -> Result<Response<pb::TxnResponse>, Status> {
         let req = request.into_inner();
         check_request_size(req.encoded_len())?;
-        let cmd = kv::Command::Txn(convert::txn_request(req)?);
-        match propose(&*self.backend, cmd).await? {
-            kv::ResponseBody::Txn(r) => Ok(Response::new(convert::txn_response(
-                r,
-                &self.backend.header(),
-            ))),
-            other => Err(unexpected("txn", &other)),
-        }
+        let serializable = txn_is_serializable(&req);
+        let txn = convert::txn_request(req)?;
+        let r = self
+            .backend
+            .txn(txn, serializable)
+            .await
+            .map_err(backend_status)?;
+        Ok(Response::new(convert::txn_response(
+            r,
+            &self.backend.header(),
+        )))
     }
 
     async fn compact(
@@ -128,5 +141,46 @@ impl<B: Backend> pb::kv_server::Kv for KvService<B> {
             })),
             other => Err(unexpected("compact", &other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::request_op::Request;
+
+    fn range(serializable: bool) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(Request::RequestRange(pb::RangeRequest {
+                key: b"k".to_vec(),
+                serializable,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn serializable_only_when_every_op_is_a_serializable_range() {
+        let txn = |success, failure| pb::TxnRequest {
+            compare: Vec::new(),
+            success,
+            failure,
+        };
+        assert!(txn_is_serializable(&txn(
+            vec![range(true)],
+            vec![range(true)]
+        )));
+        assert!(!txn_is_serializable(&txn(
+            vec![range(true)],
+            vec![range(false)]
+        )));
+        assert!(!txn_is_serializable(&txn(Vec::new(), Vec::new())));
+        let nested = pb::RequestOp {
+            request: Some(Request::RequestTxn(txn(vec![range(true)], Vec::new()))),
+        };
+        assert!(!txn_is_serializable(&txn(
+            vec![range(true), nested],
+            Vec::new()
+        )));
     }
 }

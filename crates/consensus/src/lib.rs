@@ -579,6 +579,12 @@ pub trait Replica {
 
     fn status(&self) -> Status;
 
+    /// Leader only: the highest log index known to match the leader's log on `id` (its
+    /// replication progress, "match index"); for the leader itself, its own last index.
+    /// `None` when this replica is not the leader or `id` is not in its configuration.
+    /// The runtime uses it to refuse promoting a learner that has not caught up.
+    fn match_index(&self, id: NodeId) -> Option<u64>;
+
     /// Encodes a message for the wire. Decoding never panics on bad input.
     fn encode_message(msg: &Self::Message) -> Vec<u8>;
     fn decode_message(bytes: &[u8]) -> Result<Self::Message, DecodeError>;

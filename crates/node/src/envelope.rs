@@ -124,6 +124,28 @@ pub fn decode_u64s<const N: usize>(data: &[u8]) -> Result<[u64; N], &'static str
     Ok(out)
 }
 
+/// `MemberReq` / `MemberResp` payload: `incarnation u64 LE | seq u64 LE | body JSON`.
+/// The incarnation and seq name the request at the node that forwarded it; the body is a
+/// membership operation (request) or its result (response). Membership changes are rare
+/// and small, so JSON keeps them readable in captures at no real cost.
+pub fn encode_member<T: serde::Serialize>(incarnation: u64, seq: u64, body: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&incarnation.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    // Plain enums and strings always serialise.
+    out.extend_from_slice(&serde_json::to_vec(body).expect("member message serialises"));
+    out
+}
+
+pub fn decode_member<T: serde::de::DeserializeOwned>(data: &[u8]) -> Result<(u64, u64, T), String> {
+    if data.len() < 16 {
+        return Err("member message shorter than its header".into());
+    }
+    let [inc, seq] = decode_u64s::<2>(&data[..16])?;
+    let body = serde_json::from_slice(&data[16..]).map_err(|e| format!("member message: {e}"))?;
+    Ok((inc, seq, body))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +167,9 @@ mod tests {
         assert!(decode_nack(&n[..5]).is_err());
         assert_eq!(decode_u64s::<2>(&encode_u64s(&[4, 5])).unwrap(), [4, 5]);
         assert!(decode_u64s::<2>(&[1, 2]).is_err());
+        let m = encode_member(5, 6, &vec![1u64, 2]);
+        assert_eq!(decode_member::<Vec<u64>>(&m).unwrap(), (5, 6, vec![1, 2]));
+        assert!(decode_member::<Vec<u64>>(&m[..10]).is_err());
+        assert!(decode_member::<Vec<u64>>(&m[..m.len() - 1]).is_err());
     }
 }

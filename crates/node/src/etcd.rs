@@ -1,11 +1,11 @@
 //! The etcd front-end's [`Backend`], implemented on the KV group, and its gRPC server.
 
-use crate::group::{GroupHandle, MemberInfo as NodeMember, NodeError};
+use crate::group::{GroupHandle, MemberOp, NodeError};
 use crate::kvsm::{now_ms, KvMachine};
 use concord_api_etcd::{
     Backend, BackendError, EtcdApiConfig, EventFeed, HeaderStamp, MemberInfo, NodeStatus,
 };
-use concord_consensus::{ConfChange, ConfChangeItem, NodeId};
+use concord_consensus::NodeId;
 use concord_kv as kv;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -58,22 +58,6 @@ impl NodeBackend {
             })
             .collect()
     }
-
-    async fn change(
-        &self,
-        item: ConfChangeItem,
-        member: Option<NodeMember>,
-    ) -> Result<(), BackendError> {
-        self.kv
-            .conf_change(
-                ConfChange {
-                    changes: vec![item],
-                },
-                member,
-            )
-            .await
-            .map_err(map_err)
-    }
 }
 
 /// Maps runtime errors to the codes etcd clients retry on.
@@ -86,6 +70,11 @@ pub fn map_err(e: NodeError) -> BackendError {
         NodeError::TooLarge { size, max } => {
             BackendError::Kv(kv::KvError::ValueTooLarge { size, max })
         }
+        NodeError::LeaderChanged => BackendError::LeaderChanged,
+        NodeError::MemberNotFound => BackendError::MemberNotFound,
+        NodeError::MemberNotLearner => BackendError::MemberNotLearner,
+        NodeError::LearnerNotReady => BackendError::LearnerNotReady,
+        NodeError::PeerUrlExists => BackendError::PeerUrlExists,
         NodeError::Rejected(why) => BackendError::Internal(why),
     }
 }
@@ -114,6 +103,30 @@ impl Backend for NodeBackend {
 
     async fn read_barrier(&self) -> Result<(), BackendError> {
         self.kv.read_barrier().await.map(|_| ()).map_err(map_err)
+    }
+
+    async fn txn(
+        &self,
+        req: kv::TxnRequest,
+        serializable: bool,
+    ) -> Result<kv::TxnResponse, BackendError> {
+        if !crate::readtxn::is_read_only(&req) {
+            let resp = self.propose(kv::Command::Txn(req)).await?;
+            return match resp.result {
+                Ok(kv::ResponseBody::Txn(r)) => Ok(r),
+                Ok(other) => Err(BackendError::Internal(format!(
+                    "txn answered with {other:?}"
+                ))),
+                Err(e) => Err(BackendError::Kv(e)),
+            };
+        }
+        // Served like a range: a linearizable read barrier, then every compare and range
+        // evaluated under one store lock, hence at one revision.
+        if !serializable {
+            self.read_barrier().await?;
+        }
+        self.with_store(|s| crate::readtxn::evaluate(s, &req))
+            .map_err(BackendError::Kv)
     }
 
     fn with_store<R>(&self, f: impl FnOnce(&kv::KvStore) -> R) -> R {
@@ -152,26 +165,15 @@ impl Backend for NodeBackend {
         if crate::config::parse_addr("peer-urls", addr).is_err() {
             return Err(BackendError::MemberBadUrls);
         }
-        let current = self.member_list();
-        if current
-            .iter()
-            .any(|m| m.peer_urls.iter().any(|u| strip_url(u) == addr))
-        {
-            return Err(BackendError::PeerUrlExists);
-        }
-        let id = current.iter().map(|m| m.id).max().unwrap_or(0) + 1;
-        let item = if is_learner {
-            ConfChangeItem::AddLearner(id)
-        } else {
-            ConfChangeItem::AddVoter(id)
-        };
-        let meta = NodeMember {
-            id,
-            name: String::new(),
-            peer_addr: addr.to_string(),
-            client_addr: String::new(),
-        };
-        self.change(item, Some(meta)).await?;
+        // The leader (wherever it is) checks the address is free and picks the id.
+        let id = self
+            .kv
+            .member_change(MemberOp::Add {
+                peer_addr: addr.to_string(),
+                learner: is_learner,
+            })
+            .await
+            .map_err(map_err)?;
         let all = self.member_list();
         let added = all
             .iter()
@@ -187,10 +189,10 @@ impl Backend for NodeBackend {
     }
 
     async fn member_remove(&self, id: u64) -> Result<Vec<MemberInfo>, BackendError> {
-        if !self.member_list().iter().any(|m| m.id == id) {
-            return Err(BackendError::MemberNotFound);
-        }
-        self.change(ConfChangeItem::Remove(id), None).await?;
+        self.kv
+            .member_change(MemberOp::Remove { id })
+            .await
+            .map_err(map_err)?;
         Ok(self.member_list())
     }
 
@@ -203,13 +205,11 @@ impl Backend for NodeBackend {
     }
 
     async fn member_promote(&self, id: u64) -> Result<Vec<MemberInfo>, BackendError> {
-        let list = self.member_list();
-        match list.iter().find(|m| m.id == id) {
-            None => return Err(BackendError::MemberNotFound),
-            Some(m) if !m.is_learner => return Err(BackendError::MemberNotLearner),
-            Some(_) => {}
-        }
-        self.change(ConfChangeItem::AddVoter(id), None).await?;
+        // The leader checks the learner's progress (only it knows it).
+        self.kv
+            .member_change(MemberOp::Promote { id })
+            .await
+            .map_err(map_err)?;
         Ok(self.member_list())
     }
 

@@ -25,8 +25,8 @@ use crate::metrics::GroupMetrics;
 use crate::transport::{Frame, FrameKind, Transport};
 use bytes::Bytes;
 use concord_consensus::{
-    ConfChange, ConfState, Config as ReplicaConfig, EntryKind, GroupId, NodeId, ProposeError,
-    Ready, Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
+    ConfChange, ConfChangeItem, ConfState, Config as ReplicaConfig, EntryKind, GroupId, NodeId,
+    ProposeError, Ready, Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
 };
 use concord_storage::{LogStore, SnapshotWriter, WrittenSnapshot};
 use serde::{Deserialize, Serialize};
@@ -74,8 +74,9 @@ fn prepare_payload<SM: StateMachine>(payload: &[u8]) -> Option<Vec<u8>> {
     ))
 }
 
-/// Why a request failed. Each is a normal outcome.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Why a request failed. Each is a normal outcome. Serialisable because a leader sends
+/// the outcome of a forwarded membership change back to the member that forwarded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeError {
     /// No leader is known right now (an election is in progress).
     NoLeader,
@@ -89,6 +90,18 @@ pub enum NodeError {
     },
     /// The node is shutting down.
     Stopped,
+    /// The leader the request went through lost its leadership before the request was
+    /// known to be applied. The request may still commit under the next leader: its
+    /// outcome is unknown, as with a timeout, but the client learns it at once.
+    LeaderChanged,
+    /// A membership change names a member that does not exist.
+    MemberNotFound,
+    /// Only a learner can be promoted.
+    MemberNotLearner,
+    /// The learner's log is too far behind the leader's to promote it safely.
+    LearnerNotReady,
+    /// Another member already uses that peer address.
+    PeerUrlExists,
     /// Refused for a reason given (e.g. an invalid membership change).
     Rejected(String),
 }
@@ -106,6 +119,13 @@ impl fmt::Display for NodeError {
                 )
             }
             NodeError::Stopped => f.write_str("node is stopping"),
+            NodeError::LeaderChanged => f.write_str("leader changed"),
+            NodeError::MemberNotFound => f.write_str("member not found"),
+            NodeError::MemberNotLearner => f.write_str("can only promote a learner member"),
+            NodeError::LearnerNotReady => {
+                f.write_str("can only promote a learner member which is in sync with leader")
+            }
+            NodeError::PeerUrlExists => f.write_str("peer address already in use"),
             NodeError::Rejected(why) => write!(f, "rejected: {why}"),
         }
     }
@@ -119,6 +139,30 @@ pub struct MemberInfo {
     pub name: String,
     pub peer_addr: String,
     pub client_addr: String,
+}
+
+/// A membership change as a client asks for it. Any member accepts one; a follower
+/// forwards it to the leader, which checks it against the configuration and the
+/// replication progress it alone knows, picks the new member's id, and proposes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberOp {
+    /// Adds a member reachable at `peer_addr` (`host:port`), as a learner if asked.
+    Add { peer_addr: String, learner: bool },
+    /// Removes a voter or a learner.
+    Remove { id: NodeId },
+    /// Makes a learner a voter, once its log is close enough to the leader's.
+    Promote { id: NodeId },
+}
+
+/// A learner may be promoted once its match index is at least this share (in percent) of
+/// the leader's own: etcd's rule (90%). A voter that must first copy a long log would
+/// leave the group one vote short of a healthy majority meanwhile.
+pub const PROMOTE_READY_PERCENT: u64 = 90;
+
+/// Whether a learner whose log matches the leader's up to `learner_match` is close enough
+/// to the leader's `leader_match` to become a voter.
+pub fn learner_ready(learner_match: u64, leader_match: u64) -> bool {
+    u128::from(learner_match) * 100 >= u128::from(leader_match) * u128::from(PROMOTE_READY_PERCENT)
 }
 
 /// What `/status`, `/health` and the API's status calls show. Refreshed every round.
@@ -151,10 +195,9 @@ pub(crate) enum Request<T> {
     Read {
         reply: oneshot::Sender<Result<u64, NodeError>>,
     },
-    ConfChange {
-        change: ConfChange,
-        member: Option<MemberInfo>,
-        reply: oneshot::Sender<Result<(), NodeError>>,
+    Member {
+        op: MemberOp,
+        reply: oneshot::Sender<Result<NodeId, NodeError>>,
     },
     TransferLeader {
         to: NodeId,
@@ -245,19 +288,12 @@ impl<SM: StateMachine> GroupHandle<SM> {
         res
     }
 
-    /// Proposes a membership change (at the leader) and waits until it is applied here.
-    /// `member` records the new member's name and addresses first.
-    pub async fn conf_change(
-        &self,
-        change: ConfChange,
-        member: Option<MemberInfo>,
-    ) -> Result<(), NodeError> {
+    /// Asks for a membership change, through the leader wherever it is, and waits until
+    /// the change is applied on this node. Returns the id of the member it concerns (the
+    /// new id for an add). On success this node's member table and status already show it.
+    pub async fn member_change(&self, op: MemberOp) -> Result<NodeId, NodeError> {
         let (reply, rx) = oneshot::channel();
-        self.enqueue(Request::ConfChange {
-            change,
-            member,
-            reply,
-        })?;
+        self.enqueue(Request::Member { op, reply })?;
         rx.await.unwrap_or(Err(NodeError::Stopped))
     }
 
@@ -380,6 +416,11 @@ where
         reads_waiting: 0,
         next_read_ctx: 1,
         conf_waiters: Vec::new(),
+        member_forwarded: HashMap::new(),
+        member_applying: Vec::new(),
+        next_member_seq: 1,
+        seen: (0, NO_NODE),
+        stale: Stale::Idle,
         applied,
         applied_term,
         snapshot_index,
@@ -478,11 +519,34 @@ fn unwrap_snapshot(data: &[u8]) -> Result<(BTreeMap<NodeId, MemberInfo>, &[u8]),
     Ok((members, &body[n..]))
 }
 
+/// Where the loop is in proving that requests handed to an earlier term cannot commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stale {
+    Idle,
+    /// The term changed: wait until `commit` (the commit index seen then) is applied and an
+    /// entry of the current term has been applied here.
+    WaitTerm {
+        commit: u64,
+    },
+    /// Then wait until `last` (this node's last log index at that moment) is applied, and
+    /// fail what is still waiting from a term before `term`.
+    WaitLog {
+        last: u64,
+        term: u64,
+    },
+}
+
+/// The term and leader a request was handed to. When the node observes another pair,
+/// requests handed to the old one may never commit (see `Driver::check_leadership`).
+type Via = (u64, NodeId);
+
 struct Pending<T> {
     reply: oneshot::Sender<Result<T, NodeError>>,
     deadline: Instant,
     payload: Vec<u8>,
     proposed: bool,
+    /// Where it was proposed (locally or forwarded); meaningful while `proposed`.
+    via: Via,
 }
 
 enum ReadWaiter {
@@ -491,9 +555,44 @@ enum ReadWaiter {
     Remote(NodeId, u64),
 }
 
+/// Who asked for a membership change the leader proposed.
+enum ConfWho {
+    Local(oneshot::Sender<Result<NodeId, NodeError>>),
+    /// Forwarded by a follower; answered with a `MemberResp` frame.
+    Remote {
+        node: NodeId,
+        incarnation: u64,
+        seq: u64,
+    },
+}
+
+/// Leader side: a membership change proposed and waiting to apply.
 struct ConfWaiter {
     change: ConfChange,
-    reply: oneshot::Sender<Result<(), NodeError>>,
+    /// The member the change concerns.
+    id: NodeId,
+    who: ConfWho,
+    deadline: Instant,
+    /// The term it was proposed in.
+    term: u64,
+}
+
+/// Follower side: a membership change forwarded to the leader, awaiting its answer.
+struct MemberForwarded {
+    reply: oneshot::Sender<Result<NodeId, NodeError>>,
+    deadline: Instant,
+    via: Via,
+    /// For remove and promote the change (and id) are known in advance: seeing it applied
+    /// here answers the request even if the leader's reply is lost (e.g. a member removing
+    /// itself, whose links the leader drops on apply).
+    expect: Option<(ConfChange, NodeId)>,
+}
+
+/// A membership change the leader applied, waiting until this node applied `index` too.
+struct MemberApplying {
+    index: u64,
+    id: NodeId,
+    reply: oneshot::Sender<Result<NodeId, NodeError>>,
     deadline: Instant,
 }
 
@@ -518,6 +617,14 @@ struct Driver<R: Replica, SM: StateMachine> {
     reads_waiting: usize,
     next_read_ctx: u64,
     conf_waiters: Vec<ConfWaiter>,
+    member_forwarded: HashMap<u64, MemberForwarded>,
+    member_applying: Vec<MemberApplying>,
+    next_member_seq: u64,
+    /// The (term, leader) seen at the end of the previous round.
+    seen: Via,
+    /// Progress towards failing requests handed to an earlier term's leader (see
+    /// `check_leadership`).
+    stale: Stale,
     applied: u64,
     applied_term: u64,
     snapshot_index: u64,
@@ -537,7 +644,8 @@ struct Driver<R: Replica, SM: StateMachine> {
 
 /// Ticks between scans for timed-out requests.
 const EXPIRE_SCAN_TICKS: u64 = 10;
-/// Most conf-change requests waiting at once.
+/// Most membership-change requests waiting at once (each of: proposed by this leader,
+/// forwarded by this follower, waiting for the local apply).
 const CONF_WAITERS_MAX: usize = 16;
 
 impl<R: Replica, SM: StateMachine> Driver<R, SM> {
@@ -598,6 +706,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 }
                 rounds += 1;
             }
+            self.check_leadership();
             self.publish_status(false);
         }
         // Every sync above completed in-line, so what was acknowledged is durable.
@@ -681,15 +790,33 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         }
         // Reads waiting for their index to apply are bounded by the apply rate; they are
         // released by apply, or failed on stop.
-        let mut keep = Vec::new();
-        for w in self.conf_waiters.drain(..) {
-            if w.deadline <= now {
-                let _ = w.reply.send(Err(NodeError::Timeout));
-            } else {
-                keep.push(w);
+        let (old, keep): (Vec<ConfWaiter>, Vec<ConfWaiter>) =
+            std::mem::take(&mut self.conf_waiters)
+                .into_iter()
+                .partition(|w| w.deadline <= now);
+        self.conf_waiters = keep;
+        for w in old {
+            self.answer_conf(w.who, Err(NodeError::Timeout));
+        }
+        let old: Vec<u64> = self
+            .member_forwarded
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in old {
+            if let Some(f) = self.member_forwarded.remove(&seq) {
+                let _ = f.reply.send(Err(NodeError::Timeout));
             }
         }
-        self.conf_waiters = keep;
+        let (old, keep): (Vec<MemberApplying>, Vec<MemberApplying>) =
+            std::mem::take(&mut self.member_applying)
+                .into_iter()
+                .partition(|w| w.deadline <= now);
+        self.member_applying = keep;
+        for w in old {
+            let _ = w.reply.send(Err(NodeError::Timeout));
+        }
     }
 
     fn deadline(&self) -> Instant {
@@ -715,6 +842,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                         deadline,
                         payload,
                         proposed: false,
+                        via: (0, NO_NODE),
                     },
                 );
                 self.submit(seq);
@@ -728,45 +856,14 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 let d = self.deadline();
                 self.reads_new.push(ReadWaiter::Local(reply, d));
             }
-            Request::ConfChange {
-                change,
-                member,
-                reply,
-            } => {
-                if self.leader() != self.id {
-                    let _ = reply.send(Err(match self.leader() {
-                        NO_NODE => NodeError::NoLeader,
-                        l => NodeError::Rejected(format!(
-                            "membership changes go to the leader (node {l})"
-                        )),
-                    }));
-                    return;
-                }
-                if self.conf_waiters.len() >= CONF_WAITERS_MAX {
-                    let _ = reply.send(Err(NodeError::TooManyRequests));
-                    return;
-                }
-                if let Some(m) = member {
-                    let body = serde_json::to_vec(&m).expect("member serialises");
-                    let data =
-                        envelope::encode(EnvelopeKind::Member, self.id, self.incarnation, 0, &body);
-                    if let Err(e) = self.replica.propose(data) {
-                        let _ = reply.send(Err(map_propose_error(e)));
-                        return;
-                    }
-                }
-                match self.replica.propose_conf_change(change.clone()) {
-                    Ok(()) => {
-                        let deadline = self.deadline();
-                        self.conf_waiters.push(ConfWaiter {
-                            change,
-                            reply,
-                            deadline,
-                        })
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(map_propose_error(e)));
-                    }
+            Request::Member { op, reply } => {
+                let leader = self.leader();
+                if leader == self.id {
+                    self.member_op_as_leader(op, ConfWho::Local(reply));
+                } else if leader == NO_NODE {
+                    let _ = reply.send(Err(NodeError::NoLeader));
+                } else {
+                    self.forward_member(leader, op, reply);
                 }
             }
             Request::TransferLeader { to } => self.replica.transfer_leader(to),
@@ -775,10 +872,12 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
 
     /// Hands a pending proposal to the leader: locally, or forwarded over the transport.
     fn submit(&mut self, seq: u64) {
-        let leader = self.leader();
+        let st = self.replica.status();
+        let leader = st.leader;
         let Some(p) = self.pending.get_mut(&seq) else {
             return;
         };
+        p.via = (st.term, leader);
         if leader == self.id {
             let data = prepare_payload::<SM>(&p.payload).unwrap_or_else(|| p.payload.clone());
             match self.replica.propose(data) {
@@ -864,7 +963,354 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 }
                 Err(e) => tracing::warn!(node = self.id, from = f.from, "bad read reply: {e}"),
             },
+            FrameKind::MemberReq => match envelope::decode_member::<MemberOp>(&f.payload) {
+                Ok((incarnation, seq, op)) => {
+                    let who = ConfWho::Remote {
+                        node: f.from,
+                        incarnation,
+                        seq,
+                    };
+                    if self.leader() == self.id {
+                        self.member_op_as_leader(op, who);
+                    } else {
+                        // Sent to us as leader; we no longer are. The asker retries.
+                        self.answer_conf(who, Err(NodeError::LeaderChanged));
+                    }
+                }
+                Err(e) => tracing::warn!(node = self.id, from = f.from, "bad member request: {e}"),
+            },
+            FrameKind::MemberResp => {
+                type Answer = Result<(u64, NodeId), NodeError>;
+                match envelope::decode_member::<Answer>(&f.payload) {
+                    Ok((inc, seq, answer)) if inc == self.incarnation => {
+                        self.on_member_answer(seq, answer)
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(node = self.id, from = f.from, "bad member reply: {e}")
+                    }
+                }
+            }
         }
+    }
+
+    /// The leader answered a membership change this node forwarded.
+    fn on_member_answer(&mut self, seq: u64, answer: Result<(u64, NodeId), NodeError>) {
+        let Some(f) = self.member_forwarded.remove(&seq) else {
+            return; // Already answered (expected change applied here, timeout, ...).
+        };
+        match answer {
+            Err(e) => {
+                let _ = f.reply.send(Err(e));
+            }
+            Ok((_, id)) if f.expect.as_ref().is_some_and(|(_, eid)| *eid != id) => {
+                let _ = f.reply.send(Err(NodeError::Rejected(format!(
+                    "leader answered for member {id}"
+                ))));
+            }
+            Ok((index, id)) if index <= self.applied => {
+                let _ = f.reply.send(Ok(id));
+            }
+            Ok((index, id)) => self.member_applying.push(MemberApplying {
+                index,
+                id,
+                reply: f.reply,
+                deadline: f.deadline,
+            }),
+        }
+    }
+
+    /// Follower: sends a membership change to the leader and remembers who waits for it.
+    fn forward_member(
+        &mut self,
+        leader: NodeId,
+        op: MemberOp,
+        reply: oneshot::Sender<Result<NodeId, NodeError>>,
+    ) {
+        if self.member_forwarded.len() + self.member_applying.len() >= CONF_WAITERS_MAX {
+            let _ = reply.send(Err(NodeError::TooManyRequests));
+            return;
+        }
+        let seq = self.next_member_seq;
+        self.next_member_seq += 1;
+        let expect = match op {
+            MemberOp::Add { .. } => None,
+            MemberOp::Remove { id } => Some((
+                ConfChange {
+                    changes: vec![ConfChangeItem::Remove(id)],
+                },
+                id,
+            )),
+            MemberOp::Promote { id } => Some((
+                ConfChange {
+                    changes: vec![ConfChangeItem::AddVoter(id)],
+                },
+                id,
+            )),
+        };
+        let sent = self.transport.send(Frame {
+            group: self.group,
+            from: self.id,
+            to: leader,
+            kind: FrameKind::MemberReq,
+            payload: Bytes::from(envelope::encode_member(self.incarnation, seq, &op)),
+        });
+        if !sent {
+            let _ = reply.send(Err(NodeError::NoLeader));
+            return;
+        }
+        let term = self.replica.status().term;
+        let deadline = self.deadline();
+        self.member_forwarded.insert(
+            seq,
+            MemberForwarded {
+                reply,
+                deadline,
+                via: (term, leader),
+                expect,
+            },
+        );
+    }
+
+    /// Leader: checks a membership change, proposes it, and waits for it to apply.
+    fn member_op_as_leader(&mut self, op: MemberOp, who: ConfWho) {
+        match self.start_member_change(op) {
+            Ok((change, id)) => {
+                let deadline = self.deadline();
+                let term = self.replica.status().term;
+                self.conf_waiters.push(ConfWaiter {
+                    change,
+                    id,
+                    who,
+                    deadline,
+                    term,
+                });
+            }
+            Err(e) => self.answer_conf(who, Err(e)),
+        }
+    }
+
+    /// Leader: validates `op` against the configuration and the replication progress,
+    /// then proposes it. Returns the proposed change and the member it concerns.
+    fn start_member_change(&mut self, op: MemberOp) -> Result<(ConfChange, NodeId), NodeError> {
+        if self.conf_waiters.len() >= CONF_WAITERS_MAX {
+            return Err(NodeError::TooManyRequests);
+        }
+        // The core takes one change at a time. Refusing here, before the `Member` entry of
+        // an add is proposed, keeps the member table free of members never added.
+        if !self.conf_waiters.is_empty() {
+            return Err(NodeError::Rejected(
+                "another membership change is in progress; retry".into(),
+            ));
+        }
+        let conf = self.replica.status().conf;
+        let all = conf.all_nodes();
+        let (item, id) = match op {
+            MemberOp::Add { peer_addr, learner } => {
+                if crate::config::parse_addr("peer-urls", &peer_addr).is_err() {
+                    return Err(NodeError::Rejected(format!(
+                        "invalid peer address {peer_addr:?}"
+                    )));
+                }
+                let members = self.members.lock().expect("members").clone();
+                if members
+                    .values()
+                    .any(|m| all.contains(&m.id) && m.peer_addr == peer_addr)
+                {
+                    return Err(NodeError::PeerUrlExists);
+                }
+                // Above every id in use or recorded, so a new member never inherits the
+                // id (and the log position) of another.
+                let id = all.iter().chain(members.keys()).copied().max().unwrap_or(0) + 1;
+                let meta = MemberInfo {
+                    id,
+                    name: String::new(),
+                    peer_addr,
+                    client_addr: String::new(),
+                };
+                // The member's addresses enter the log just before the change that adds
+                // it, so every node can dial it as soon as it is a member.
+                let body = serde_json::to_vec(&meta).expect("member serialises");
+                let data =
+                    envelope::encode(EnvelopeKind::Member, self.id, self.incarnation, 0, &body);
+                self.replica.propose(data).map_err(map_propose_error)?;
+                let item = if learner {
+                    ConfChangeItem::AddLearner(id)
+                } else {
+                    ConfChangeItem::AddVoter(id)
+                };
+                (item, id)
+            }
+            MemberOp::Remove { id } => {
+                if !all.contains(&id) {
+                    return Err(NodeError::MemberNotFound);
+                }
+                (ConfChangeItem::Remove(id), id)
+            }
+            MemberOp::Promote { id } => {
+                if !all.contains(&id) {
+                    return Err(NodeError::MemberNotFound);
+                }
+                if conf.is_voter(id) {
+                    return Err(NodeError::MemberNotLearner);
+                }
+                let learner = self.replica.match_index(id).unwrap_or(0);
+                let leader = self.replica.match_index(self.id).unwrap_or(0);
+                if !learner_ready(learner, leader) {
+                    tracing::info!(
+                        node = self.id,
+                        learner = id,
+                        learner_match = learner,
+                        leader_match = leader,
+                        "refusing to promote a learner that has not caught up"
+                    );
+                    return Err(NodeError::LearnerNotReady);
+                }
+                (ConfChangeItem::AddVoter(id), id)
+            }
+        };
+        let change = ConfChange {
+            changes: vec![item],
+        };
+        self.replica
+            .propose_conf_change(change.clone())
+            .map_err(map_propose_error)?;
+        Ok((change, id))
+    }
+
+    /// Answers whoever asked for a membership change: `Ok((index, id))` once applied.
+    fn answer_conf(&mut self, who: ConfWho, answer: Result<(u64, NodeId), NodeError>) {
+        match who {
+            ConfWho::Local(tx) => {
+                let _ = tx.send(answer.map(|(_, id)| id));
+            }
+            ConfWho::Remote {
+                node,
+                incarnation,
+                seq,
+            } => {
+                self.transport.send(Frame {
+                    group: self.group,
+                    from: self.id,
+                    to: node,
+                    kind: FrameKind::MemberResp,
+                    payload: Bytes::from(envelope::encode_member(incarnation, seq, &answer)),
+                });
+            }
+        }
+    }
+
+    /// Answers forwarded membership changes whose index this node has now applied.
+    fn release_members(&mut self) {
+        if self.member_applying.is_empty() {
+            return;
+        }
+        let applied = self.applied;
+        let (done, keep): (Vec<MemberApplying>, Vec<MemberApplying>) =
+            std::mem::take(&mut self.member_applying)
+                .into_iter()
+                .partition(|w| w.index <= applied);
+        self.member_applying = keep;
+        for w in done {
+            let _ = w.reply.send(Ok(w.id));
+        }
+    }
+
+    /// Called once per round after the `Ready`s.
+    ///
+    /// Requests handed to the leader of an earlier term are failed with `LeaderChanged`
+    /// (etcd's "leader changed") once they provably can no longer commit, instead of
+    /// waiting for their deadline:
+    ///
+    /// 1. The term changed: wait until the commit index seen then is applied and an entry
+    ///    of the current term has been applied here (a new Raft leader's first entry, a
+    ///    slot chosen in the new Multi-Paxos ballot).
+    /// 2. Then wait until this node's last log index at that moment is applied. With Raft
+    ///    every earlier-term entry that will ever commit lies before the new term's first
+    ///    entry, so step 1 already suffices. A new Multi-Paxos leader re-proposes values
+    ///    of earlier ballots in its own ballot, at slots it holds in its log; a follower
+    ///    holds the values it accepted (an acceptor never forgets one of a later slot), so
+    ///    applying its whole log covers them.
+    ///
+    /// Everything that commits is then applied and answered with its real result, so a
+    /// request known committed is never failed. If the log never reaches that index (no
+    /// new writes after a lost suffix) requests wait for their deadline as before. A leader
+    /// that merely becomes unknown, with no new term, fails nothing: the old one may still
+    /// be alive. Reads have no effect, so those waiting on the old leader are re-issued at
+    /// once.
+    fn check_leadership(&mut self) {
+        let st = self.replica.status();
+        let now = (st.term, st.leader);
+        if now != self.seen {
+            if now.0 > self.seen.0 {
+                tracing::debug!(
+                    node = self.id,
+                    group = self.group,
+                    term = now.0,
+                    leader = now.1,
+                    "term changed"
+                );
+                self.stale = Stale::WaitTerm { commit: st.commit };
+            }
+            self.seen = now;
+            for (_, (_, ws)) in std::mem::take(&mut self.reads_by_ctx) {
+                // A remote reader re-asks the new leader itself once it sees the change.
+                self.reads_new.extend(
+                    ws.into_iter()
+                        .filter(|w| matches!(w, ReadWaiter::Local(..))),
+                );
+            }
+        }
+        if let Stale::WaitTerm { commit } = self.stale {
+            if self.applied >= commit && self.applied_term >= st.term {
+                self.stale = Stale::WaitLog {
+                    last: st.last_index,
+                    term: st.term,
+                };
+            }
+        }
+        if let Stale::WaitLog { last, term } = self.stale {
+            if self.applied >= last {
+                self.stale = Stale::Idle;
+                self.fail_stale(term);
+            }
+        }
+    }
+
+    /// Fails every request handed to a leader of a term before `term`.
+    fn fail_stale(&mut self, term: u64) {
+        let stale: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.proposed && p.via.0 < term)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in stale {
+            if let Some(p) = self.pending.remove(&seq) {
+                let _ = p.reply.send(Err(NodeError::LeaderChanged));
+            }
+        }
+        let (old, keep): (Vec<ConfWaiter>, Vec<ConfWaiter>) =
+            std::mem::take(&mut self.conf_waiters)
+                .into_iter()
+                .partition(|w| w.term < term);
+        self.conf_waiters = keep;
+        for w in old {
+            self.answer_conf(w.who, Err(NodeError::LeaderChanged));
+        }
+        let old: Vec<u64> = self
+            .member_forwarded
+            .iter()
+            .filter(|(_, f)| f.via.0 < term)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in old {
+            if let Some(f) = self.member_forwarded.remove(&seq) {
+                let _ = f.reply.send(Err(NodeError::LeaderChanged));
+            }
+        }
+        // `member_applying` holds changes the leader already applied: they are committed
+        // and will apply here, whoever leads now.
     }
 
     fn on_forward(&mut self, from: NodeId, payload: &[u8]) {
@@ -1059,6 +1505,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
             }
         }
         self.release_reads();
+        self.release_members();
         // 4. Advance.
         self.replica.advance();
         self.maybe_snapshot()?;
@@ -1097,12 +1544,32 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
             },
             EntryKind::ConfChange => {
                 if let Ok(cc) = ConfChange::decode(data) {
+                    // Show the new configuration before answering anyone: the caller reads
+                    // the member list right after its answer.
+                    let conf = self.replica.status().conf;
+                    {
+                        let mut st = self.status.lock().expect("status lock");
+                        st.voters = conf.voters;
+                        st.learners = conf.learners;
+                    }
                     if let Some(pos) = self.conf_waiters.iter().position(|w| w.change == cc) {
                         let w = self.conf_waiters.remove(pos);
-                        let _ = w.reply.send(Ok(()));
+                        self.answer_conf(w.who, Ok((index, w.id)));
+                    }
+                    let seen_here: Vec<u64> = self
+                        .member_forwarded
+                        .iter()
+                        .filter(|(_, f)| f.expect.as_ref().is_some_and(|(c, _)| *c == cc))
+                        .map(|(s, _)| *s)
+                        .collect();
+                    for seq in seen_here {
+                        if let Some(f) = self.member_forwarded.remove(&seq) {
+                            let id = f.expect.map_or(NO_NODE, |(_, id)| id);
+                            let _ = f.reply.send(Ok(id));
+                        }
                     }
                     for item in &cc.changes {
-                        if let concord_consensus::ConfChangeItem::Remove(id) = item {
+                        if let ConfChangeItem::Remove(id) = item {
                             if *id != self.id {
                                 self.members.lock().expect("members").remove(id);
                                 // Stop dialling a removed member: if it comes back under a
@@ -1246,7 +1713,13 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
             }
         }
         self.reads_waiting = 0;
-        for w in self.conf_waiters.drain(..) {
+        for w in std::mem::take(&mut self.conf_waiters) {
+            self.answer_conf(w.who, Err(err.clone()));
+        }
+        for (_, f) in self.member_forwarded.drain() {
+            let _ = f.reply.send(Err(err.clone()));
+        }
+        for w in self.member_applying.drain(..) {
             let _ = w.reply.send(Err(err.clone()));
         }
     }

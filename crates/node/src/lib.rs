@@ -15,6 +15,7 @@ pub mod group;
 pub mod kvsm;
 pub mod metrics;
 pub mod node;
+pub mod readtxn;
 pub mod transport;
 
 pub use config::{Engine, NodeConfig};

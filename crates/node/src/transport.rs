@@ -54,6 +54,10 @@ pub enum FrameKind {
     ReadIndexReq = 4,
     /// The leader answers with the index a read must wait for.
     ReadIndexResp = 5,
+    /// A membership change (add, remove, promote) forwarded to the leader.
+    MemberReq = 6,
+    /// The leader's answer to a forwarded membership change.
+    MemberResp = 7,
 }
 
 impl FrameKind {
@@ -64,6 +68,8 @@ impl FrameKind {
             3 => FrameKind::ForwardNack,
             4 => FrameKind::ReadIndexReq,
             5 => FrameKind::ReadIndexResp,
+            6 => FrameKind::MemberReq,
+            7 => FrameKind::MemberResp,
             _ => return None,
         })
     }

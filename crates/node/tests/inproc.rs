@@ -1,5 +1,6 @@
 //! Three nodes in one process over loopback TCP, for each engine: writes through any node,
-//! linearizable reads on followers, lease expiry by the leader, leader failover.
+//! linearizable reads on followers, lease expiry by the leader, leader failover. Ports stay
+//! below Linux's ephemeral range (32768+) so an outgoing connection cannot take one first.
 
 use concord_api_etcd::Backend;
 use concord_kv::{Command, PutRequest, RangeRequest, ResponseBody};
@@ -149,17 +150,17 @@ async fn exercise(engine: Engine, base: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raft_cluster_in_process() {
-    exercise(Engine::Raft, 41379).await;
+    exercise(Engine::Raft, 29379).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paxos_cluster_in_process() {
-    exercise(Engine::Paxos, 42379).await;
+    exercise(Engine::Paxos, 30379).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_expires_leases() {
-    let nodes = cluster(Engine::Raft, 43379).await;
+    let nodes = cluster(Engine::Raft, 21379).await;
     leader_of(&nodes).await;
     let b = &nodes[1].backend;
     let grant = loop {

@@ -1773,6 +1773,14 @@ impl Replica for Paxos {
         }
     }
 
+    fn match_index(&self, id: NodeId) -> Option<u64> {
+        let lead = self.lead.as_ref().filter(|_| self.role == Role::Leader)?;
+        if id == self.id {
+            return Some(lead.self_match);
+        }
+        lead.peers.get(&id).map(|p| p.matched)
+    }
+
     fn encode_message(msg: &Message) -> Vec<u8> {
         // Serialising plain data into a Vec cannot fail.
         postcard::to_allocvec(msg).expect("postcard encoding into a Vec")

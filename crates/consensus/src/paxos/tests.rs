@@ -531,3 +531,21 @@ fn random_garbage_never_panics() {
         }
     }
 }
+
+#[test]
+fn leader_reports_match_index() {
+    let mut p = Paxos::create(cfg(1), ConfState::new([1]), Recovered::default()).expect("valid");
+    assert_eq!(p.match_index(1), None, "not leader yet");
+    p.campaign_now();
+    p.propose(b"a".to_vec()).unwrap();
+    cycle(&mut p);
+    cycle(&mut p);
+    assert_eq!(p.match_index(1), Some(1));
+    assert_eq!(p.match_index(2), None, "not a member");
+    let mut q = node(2);
+    assert_eq!(q.match_index(1), None);
+    // A three-member leader knows nothing of a peer that has not answered yet.
+    q.campaign_now();
+    let _ = cycle(&mut q);
+    assert_eq!(q.match_index(3), None, "still a candidate");
+}

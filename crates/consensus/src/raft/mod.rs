@@ -1132,6 +1132,16 @@ impl Replica for Raft {
         }
     }
 
+    fn match_index(&self, id: NodeId) -> Option<u64> {
+        if self.role != StateRole::Leader {
+            return None;
+        }
+        if id == self.id {
+            return Some(self.log.last_index());
+        }
+        self.progress.get(&id).map(|p| p.matched)
+    }
+
     fn encode_message(msg: &Message) -> Vec<u8> {
         postcard::to_allocvec(msg).expect("encoding an in-memory message cannot fail")
     }

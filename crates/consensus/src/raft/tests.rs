@@ -547,3 +547,24 @@ fn forwarded_reads_are_bounded_and_expire() {
     assert_eq!(r.status().role, Role::Follower);
     assert_eq!(r.read_index(b"d".to_vec()), Ok(()));
 }
+
+#[test]
+fn leader_reports_match_index_of_each_peer() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.node(1).propose(b"a".to_vec()).unwrap();
+    net.stabilize();
+    let last = net.node(1).status().last_index;
+    assert_eq!(net.node(1).match_index(1), Some(last));
+    assert_eq!(net.node(1).match_index(2), Some(last));
+    assert_eq!(net.node(1).match_index(9), None, "not a member");
+    assert_eq!(net.node(2).match_index(2), None, "only the leader knows");
+    // A cut-off follower's match index stays behind while the others advance.
+    net.cut.insert(3);
+    for i in 0..5u8 {
+        net.node(1).propose(vec![i]).unwrap();
+    }
+    net.stabilize();
+    assert_eq!(net.node(1).match_index(2), Some(last + 5));
+    assert_eq!(net.node(1).match_index(3), Some(last));
+}
