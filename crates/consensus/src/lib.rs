@@ -36,6 +36,15 @@ pub type GroupId = u64;
 /// "No node" (no vote cast, no known leader).
 pub const NO_NODE: NodeId = 0;
 
+/// The highest term (Raft) or ballot (Multi-Paxos) a peer message may carry. Terms grow by
+/// one per election, so no honest node gets anywhere near it; a message above it is forged
+/// or corrupt and is dropped, which also keeps `term + 1` and ballot arithmetic from
+/// overflowing.
+pub const MAX_TERM: u64 = 1 << 62;
+/// The highest log index or slot a peer message may name, for the same reason: no real log
+/// grows that long, and staying below it keeps `index + 1` from overflowing.
+pub const MAX_INDEX: u64 = 1 << 62;
+
 /// What an entry carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EntryKind {

@@ -614,7 +614,16 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 };
                 if self.is_up(env.to) {
                     if let Some(r) = self.nodes[Self::idx(env.to)].replica.as_mut() {
+                        let bad_before = r.bad_messages();
                         r.step(env.from, env.msg);
+                        if r.bad_messages() != bad_before {
+                            // Honest peers only: the sender or the receiver's validation is
+                            // wrong. Replay with --verbose to see the surrounding history.
+                            self.fail(format!(
+                                "node {} dropped a message from node {} as impossible",
+                                env.to, env.from
+                            ));
+                        }
                     }
                     self.drive(env.to);
                 }

@@ -235,6 +235,8 @@ pub struct Paxos {
     /// (ballot, last index) of the entries in the last Ready, made durable by `advance`.
     pending_stable: Option<(u64, u64)>,
     pending_applied: u64,
+    /// Peer messages dropped because their content was impossible (see `drop_bad`).
+    bad_messages: u64,
 }
 
 impl std::fmt::Debug for Paxos {
@@ -261,6 +263,18 @@ fn data_len(e: &Entry) -> usize {
 }
 
 impl Paxos {
+    /// Peer messages dropped so far because their content was impossible.
+    pub fn bad_messages(&self) -> u64 {
+        self.bad_messages
+    }
+
+    /// Drops a peer message whose content no correct peer could have sent (forged,
+    /// corrupt, or from a buggy peer). Messages are input: they may be wrong, they must
+    /// never crash us or make us act on them. Counted for the operator and for tests.
+    fn drop_bad(&mut self) {
+        self.bad_messages += 1;
+    }
+
     fn strict(&self) -> bool {
         // Invariant checks that a planted bug is meant to break are left to the simulator's
         // checkers, so a planted-bug run reports a violation instead of a panic.
@@ -1040,12 +1054,31 @@ impl Paxos {
             let well_formed = prev.checked_add(1 + k as u64) == Some(e.index)
                 && (e.term == b || (e.term < b && e.index <= commit));
             if !well_formed {
-                return; // Malformed: drop.
+                self.drop_bad();
+                return;
             }
         }
         let below = b < self.promised;
         if below && !self.bugs.accept_below_promise {
             self.nack(from, b);
+            return;
+        }
+        // A chosen slot never changes. At or above our promise, a leader proposes a chosen
+        // slot's value only (phase 1 taught it), so an accept that contradicts one we hold
+        // comes from a lying or broken peer: drop all of it before it touches our promise
+        // or log. (Below the promise, which only the planted bug lets through, it is just
+        // a deposed leader's stale proposal.)
+        let contradicts = entries.iter().any(|e| {
+            (e.index <= self.commit || e.index < self.log.first_index())
+                && self
+                    .log
+                    .get(e.index)
+                    .is_some_and(|mine| mine.kind != e.kind || mine.data != e.data)
+        });
+        if contradicts {
+            if !below {
+                self.drop_bad();
+            }
             return;
         }
         if below {
@@ -1077,14 +1110,7 @@ impl Paxos {
         let n = entries.len() as u64;
         for e in entries {
             if e.index <= self.commit || e.index < self.log.first_index() {
-                // Already chosen here: the leader's value must be the chosen one.
-                if let Some(mine) = self.log.get(e.index) {
-                    assert!(
-                        (mine.kind == e.kind && mine.data == e.data) || !self.strict(),
-                        "chosen slot {} would change",
-                        e.index
-                    );
-                }
+                // Already chosen here, with this value (checked above).
                 continue;
             }
             let same = self.log.get(e.index).is_some_and(|m| m.term == e.term);
@@ -1453,6 +1479,7 @@ impl Replica for Paxos {
             last_hs: hs,
             pending_stable: None,
             pending_applied: applied,
+            bad_messages: 0,
             cfg: config,
         };
         p.become_follower(NO_NODE);
@@ -1521,7 +1548,8 @@ impl Replica for Paxos {
     }
 
     fn step(&mut self, from: NodeId, msg: Message) {
-        if from == NO_NODE || from == self.id || from > MAX_NODE_ID {
+        if from == NO_NODE || from == self.id || from > MAX_NODE_ID || !msg.within_bounds() {
+            self.drop_bad();
             return;
         }
         let b = msg.ballot();
@@ -1581,7 +1609,7 @@ impl Replica for Paxos {
             Message::TimeoutNow { ballot } if owned_by_sender => self.on_timeout_now(from, ballot),
             // A leader-side message whose ballot the sender does not own: forged or
             // corrupt, ignore it.
-            _ => {}
+            _ => self.drop_bad(),
         }
     }
 

@@ -531,3 +531,50 @@ fn random_garbage_never_panics() {
         }
     }
 }
+
+/// A peer that lies about a chosen slot (same ballot, other value) must not crash us or
+/// change the slot: the whole accept is dropped and counted.
+#[test]
+fn forged_accept_contradicting_a_chosen_slot_is_dropped() {
+    let mut p = node(1);
+    let b = ballot::make(1, 2);
+    p.step(
+        2,
+        Message::Accept {
+            ballot: b,
+            prev: 0,
+            entries: vec![entry(1, b, "chosen")],
+            commit: 1,
+        },
+    );
+    cycle(&mut p);
+    assert_eq!(p.status().commit, 1, "slot 1 is chosen");
+    let dropped = p.bad_messages();
+    for forged_ballot in [b, ballot::make(5, 2)] {
+        p.step(
+            2,
+            Message::Accept {
+                ballot: forged_ballot,
+                prev: 0,
+                entries: vec![entry(1, b, "forged"), entry(2, forged_ballot, "x")],
+                commit: 2,
+            },
+        );
+    }
+    assert_eq!(p.bad_messages(), dropped + 2);
+    assert_eq!(
+        p.log.get(1).map(|e| e.data.as_slice()),
+        Some(&b"chosen"[..])
+    );
+    assert_eq!(
+        p.log.last_index(),
+        1,
+        "nothing of the forged accepts was taken"
+    );
+    assert_eq!(
+        p.status().term,
+        b,
+        "the forged higher ballot was not promised"
+    );
+    assert_eq!(p.status().commit, 1);
+}

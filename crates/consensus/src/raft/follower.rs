@@ -15,11 +15,13 @@ impl Raft {
         // Reject malformed batches outright: indices must follow prev_index and terms may
         // not exceed the leader's term or go backwards.
         if prev_index.checked_add(entries.len() as u64 + 1).is_none() {
+            self.drop_bad();
             return; // Indices this large cannot come from a real log.
         }
         let mut t = prev_term;
         for (e, expect) in entries.iter().zip(prev_index + 1..) {
             if e.index != expect || e.term < t || e.term > self.term {
+                self.drop_bad();
                 return;
             }
             t = e.term;
@@ -34,7 +36,10 @@ impl Raft {
                 .term(self.commit)
                 .expect("commit is in the log or snapshot");
             if let Some(first) = entries.first() {
-                if first.index != prev_index + 1 {
+                if first.index != prev_index + 1 || first.term < prev_term {
+                    // Its terms were checked against the message's own prev_term, not
+                    // against our committed entry; a real leader's never go below it.
+                    self.drop_bad();
                     return;
                 }
             }
@@ -77,6 +82,7 @@ impl Raft {
                     if e.index <= self.commit {
                         // A correct leader never contradicts a committed entry; ignore
                         // the message rather than lose committed data.
+                        self.drop_bad();
                         return;
                     }
                     self.truncate_from(e.index);
@@ -130,6 +136,7 @@ impl Raft {
             return;
         }
         if meta.index == 0 || meta.term > self.term || meta.conf.voters.is_empty() {
+            self.drop_bad();
             return; // Not a snapshot any leader could have produced.
         }
         let term = self.term;

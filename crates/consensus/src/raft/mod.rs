@@ -169,6 +169,8 @@ pub struct Raft {
     commit_dirty: bool,
     /// vote_without_persist bug: the vote is hidden from `Ready::hard_state`.
     bug_hide_vote: bool,
+    /// Peer messages dropped because their content was impossible (see `drop_bad`).
+    bad_messages: u64,
 }
 
 impl Raft {
@@ -473,8 +475,21 @@ impl Raft {
         (self.cfg.check_quorum || pre_vote) && heard && self.election_elapsed < self.e()
     }
 
+    /// Peer messages dropped so far because their content was impossible.
+    pub fn bad_messages(&self) -> u64 {
+        self.bad_messages
+    }
+
+    /// Drops a peer message whose content no correct peer could have sent (forged,
+    /// corrupt, or from a buggy peer). Messages are input: they may be wrong, they must
+    /// never crash us or make us act on them. Counted for the operator and for tests.
+    pub(super) fn drop_bad(&mut self) {
+        self.bad_messages += 1;
+    }
+
     fn step_inner(&mut self, from: NodeId, m: Message) {
-        if from == NO_NODE || from == self.id {
+        if from == NO_NODE || from == self.id || !m.within_bounds() {
+            self.drop_bad();
             return;
         }
         let known = self.conf_state().all_nodes().contains(&from);
@@ -897,6 +912,7 @@ impl Replica for Raft {
             replicate_dirty: false,
             commit_dirty: false,
             bug_hide_vote: false,
+            bad_messages: 0,
             cfg: config,
         };
         // Recompute the configuration from the ConfChange entries after the snapshot.
