@@ -15,7 +15,7 @@ use crate::rng::SimRng;
 use crate::store::SimStore;
 use concord_consensus::{
     ConfChange, ConfChangeItem, ConfState, Config, Entry, EntryKind, HardState, NodeId,
-    ProposeError, ReadMode, ReadState, Recovered, Role, Snapshot, SnapshotMeta, NO_NODE,
+    ProposeError, ReadMode, ReadState, Recovered, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
 };
 use concord_storage::StorageError;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -554,6 +554,12 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
 
     fn idx(id: NodeId) -> usize {
         (id - 1) as usize
+    }
+
+    /// The node's status if it is up and leads.
+    fn leader_status(&self, id: NodeId) -> Option<Status> {
+        let st = self.nodes[Self::idx(id)].replica.as_ref()?.status();
+        (st.role == Role::Leader).then_some(st)
     }
 
     fn is_up(&self, id: NodeId) -> bool {
@@ -1292,12 +1298,9 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
     /// crash patterns of the Raft paper's Figure 8.
     fn maybe_fault_new_leader(&mut self, id: NodeId) {
         let i = Self::idx(id);
-        let Some(st) = self.nodes[i].replica.as_ref().map(|r| r.status()) else {
+        let Some(st) = self.leader_status(id) else {
             return;
         };
-        if st.role != Role::Leader {
-            return;
-        }
         let node = &mut self.nodes[i];
         if node.leader_writes.0 != st.term {
             node.leader_writes = (st.term, 0);
@@ -1617,12 +1620,9 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
     /// Election safety and leader completeness for the node just driven.
     fn check_node(&mut self, id: NodeId) {
         let i = Self::idx(id);
-        let Some(st) = self.nodes[i].replica.as_ref().map(|r| r.status()) else {
+        let Some(st) = self.leader_status(id) else {
             return;
         };
-        if st.role != Role::Leader {
-            return;
-        }
         let other = *self.leaders_by_term.entry(st.term).or_insert(id);
         if other != id {
             self.fail(format!(

@@ -251,13 +251,6 @@ impl std::fmt::Debug for Paxos {
     }
 }
 
-fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field,
-        reason: reason.into(),
-    }
-}
-
 fn data_len(e: &Entry) -> usize {
     e.data.len()
 }
@@ -1204,18 +1197,22 @@ impl Paxos {
         );
     }
 
-    fn on_heartbeat_ack(&mut self, from: NodeId, b: u64, seq: u64, sent_at: u64, matched: u64) {
+    /// Leader: the progress of a peer answering under our ballot `b`, marked active;
+    /// `None` for an answer to another ballot or from a node we do not replicate to.
+    fn answering_peer(&mut self, from: NodeId, b: u64) -> Option<&mut Progress> {
         if self.role != Role::Leader || b != self.promised {
-            return;
+            return None;
         }
+        let lead = self.lead.as_mut()?;
+        lead.active.insert(from);
+        lead.peers.get_mut(&from)
+    }
+
+    fn on_heartbeat_ack(&mut self, from: NodeId, b: u64, seq: u64, sent_at: u64, matched: u64) {
         let last = self.log.last_index();
         let mut resend_snap = false;
         {
-            let Some(lead) = self.lead.as_mut() else {
-                return;
-            };
-            lead.active.insert(from);
-            let Some(p) = lead.peers.get_mut(&from) else {
+            let Some(p) = self.answering_peer(from, b) else {
                 return;
             };
             p.acked_seq = p.acked_seq.max(seq);
@@ -1345,17 +1342,10 @@ impl Paxos {
     }
 
     fn on_snapshot_ack(&mut self, from: NodeId, b: u64, index: u64, next_offset: u64) {
-        if self.role != Role::Leader || b != self.promised {
-            return;
-        }
         let total = self.snapshot.as_ref().map_or(0, |s| s.data.len() as u64);
         let mut more = false;
         {
-            let Some(lead) = self.lead.as_mut() else {
-                return;
-            };
-            lead.active.insert(from);
-            let Some(p) = lead.peers.get_mut(&from) else {
+            let Some(p) = self.answering_peer(from, b) else {
                 return;
             };
             let Some(s) = p.snap.as_mut() else { return };
@@ -1400,31 +1390,31 @@ impl Replica for Paxos {
         config.validate()?;
         config.validate_bug(KNOWN_BUGS)?;
         if config.id > MAX_NODE_ID {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "id",
                 format!("must be at most {MAX_NODE_ID} for Multi-Paxos"),
             ));
         }
         let bugs = Bugs::from(config.inject_bug.as_deref());
         let hs = recovered.hard_state;
-        let (snap_idx, snap_term, mut conf) = match &recovered.snapshot {
-            Some(s) => (s.meta.index, s.meta.term, s.meta.conf.clone()),
-            None => (0, 0, initial),
-        };
+        let (snap_idx, snap_term, mut conf) = recovered.base(initial);
         for &n in conf.all_nodes().iter() {
             if n == NO_NODE || n > MAX_NODE_ID {
-                return Err(bad(
+                return Err(ConfigError::new(
                     "initial",
                     format!("node id {n} outside 1..={MAX_NODE_ID}"),
                 ));
             }
         }
         if conf.voters.is_empty() {
-            return Err(bad("initial", "the configuration has no voters"));
+            return Err(ConfigError::new(
+                "initial",
+                "the configuration has no voters",
+            ));
         }
         conf.voters.sort_unstable();
         let log = SlotLog::restore(snap_idx, snap_term, recovered.entries)
-            .map_err(|e| bad("recovered", e))?;
+            .map_err(|e| ConfigError::new("recovered", e))?;
         let last = log.last_index();
         let applied = recovered.applied.max(snap_idx).min(last);
         let commit = hs.commit.max(applied).max(snap_idx).min(last);

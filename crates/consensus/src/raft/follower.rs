@@ -47,28 +47,12 @@ impl Raft {
         match self.log.term(prev_index) {
             None => {
                 let hint_index = self.log.last_index() + 1;
-                self.send(
-                    from,
-                    Body::AppendResp {
-                        index: prev_index,
-                        reject: true,
-                        hint_index,
-                        hint_term: 0,
-                    },
-                );
+                self.send(from, Body::append_reject(prev_index, hint_index, 0));
                 return;
             }
             Some(t) if t != prev_term => {
                 let hint_index = self.log.first_index_of_term_at(prev_index);
-                self.send(
-                    from,
-                    Body::AppendResp {
-                        index: prev_index,
-                        reject: true,
-                        hint_index,
-                        hint_term: t,
-                    },
-                );
+                self.send(from, Body::append_reject(prev_index, hint_index, t));
                 return;
             }
             Some(_) => {}
@@ -101,15 +85,7 @@ impl Raft {
             self.log.append(e);
         }
         self.commit_to(leader_commit.min(last_new));
-        self.send(
-            from,
-            Body::AppendResp {
-                index: last_new,
-                reject: false,
-                hint_index: 0,
-                hint_term: 0,
-            },
-        );
+        self.send(from, Body::append_ok(last_new));
     }
 
     pub(super) fn handle_snapshot_chunk(
@@ -124,15 +100,7 @@ impl Raft {
             // We already have all of it: tell the leader where we are.
             self.incoming = None;
             let index = self.commit;
-            self.send(
-                from,
-                Body::AppendResp {
-                    index,
-                    reject: false,
-                    hint_index: 0,
-                    hint_term: 0,
-                },
-            );
+            self.send(from, Body::append_ok(index));
             return;
         }
         if meta.index == 0 || meta.term > self.term || meta.conf.voters.is_empty() {
@@ -144,35 +112,30 @@ impl Raft {
             .incoming
             .as_ref()
             .is_some_and(|s| s.term == term && s.meta == meta && s.data.len() as u64 == offset);
+        // A chunk at offset 0 (re)starts the transfer; any other must continue it exactly.
+        let in_order = matches || offset == 0;
         if offset == 0 {
             self.incoming = Some(IncomingSnapshot {
                 term,
                 meta: meta.clone(),
                 data: Vec::new(),
             });
-        } else if !matches {
+        }
+        if in_order {
+            let inc = self.incoming.as_mut().expect("set above");
+            if inc.data.len() + data.len() > MAX_SNAPSHOT_BYTES {
+                self.incoming = None;
+                return;
+            }
+            inc.data.extend_from_slice(&data);
+        }
+        if !in_order || !done {
+            // Out of order (tell the leader where we are) or more to come.
             let next_offset = self
                 .incoming
                 .as_ref()
                 .filter(|s| s.term == term && s.meta == meta)
                 .map_or(0, |s| s.data.len() as u64);
-            self.send(
-                from,
-                Body::SnapshotResp {
-                    index: meta.index,
-                    next_offset,
-                },
-            );
-            return;
-        }
-        let inc = self.incoming.as_mut().expect("set above");
-        if inc.data.len() + data.len() > MAX_SNAPSHOT_BYTES {
-            self.incoming = None;
-            return;
-        }
-        inc.data.extend_from_slice(&data);
-        if !done {
-            let next_offset = inc.data.len() as u64;
             self.send(
                 from,
                 Body::SnapshotResp {
@@ -188,15 +151,7 @@ impl Raft {
             data: inc.data,
         });
         let index = self.commit;
-        self.send(
-            from,
-            Body::AppendResp {
-                index,
-                reject: false,
-                hint_index: 0,
-                hint_term: 0,
-            },
-        );
+        self.send(from, Body::append_ok(index));
     }
 
     /// Installs a snapshot received from the leader (thesis §5.3).

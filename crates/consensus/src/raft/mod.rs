@@ -542,15 +542,7 @@ impl Raft {
                 {
                     // A stale leader (e.g. back from a partition) must learn our term,
                     // otherwise with pre-vote nobody ever tells it and it never steps down.
-                    self.send(
-                        from,
-                        Body::AppendResp {
-                            index: 0,
-                            reject: true,
-                            hint_index: 0,
-                            hint_term: 0,
-                        },
-                    );
+                    self.send(from, Body::append_reject(0, 0, 0));
                 }
                 Body::PreVote { .. } => self.send(from, Body::PreVoteResp { reject: true }),
                 // Figure 3.1: the reply carries our term so a stale candidate catches up. It
@@ -845,16 +837,9 @@ impl Replica for Raft {
     ) -> Result<Self, ConfigError> {
         config.validate()?;
         config.validate_bug(KNOWN_BUGS)?;
-        let bad = |field: &'static str, reason: &str| ConfigError {
-            field,
-            reason: reason.to_string(),
-        };
-        let (snap_index, snap_term, base_conf) = match &recovered.snapshot {
-            Some(s) => (s.meta.index, s.meta.term, s.meta.conf.clone()),
-            None => (0, 0, initial),
-        };
+        let (snap_index, snap_term, base_conf) = recovered.base(initial);
         let log = RaftLog::new(snap_index, snap_term, recovered.entries.clone())
-            .map_err(|r| bad("recovered.entries", r))?;
+            .map_err(|r| ConfigError::new("recovered.entries", r))?;
         let mut hs = recovered.hard_state;
         if hs.term < log.last_term() {
             // The entries and the hard state of one Ready were written together, and a

@@ -133,6 +133,27 @@ impl Message {
 }
 
 impl Body {
+    /// A successful append answer: the follower's log matches the leader's up to `index`.
+    pub fn append_ok(index: u64) -> Body {
+        Body::AppendResp {
+            index,
+            reject: false,
+            hint_index: 0,
+            hint_term: 0,
+        }
+    }
+
+    /// A rejection of the append at `prev_index`, with the back-tracking hint (see
+    /// [`Body::AppendResp`]).
+    pub fn append_reject(prev_index: u64, hint_index: u64, hint_term: u64) -> Body {
+        Body::AppendResp {
+            index: prev_index,
+            reject: true,
+            hint_index,
+            hint_term,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Body::PreVote { .. } => "PreVote",
