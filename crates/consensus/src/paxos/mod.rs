@@ -1262,6 +1262,16 @@ impl Paxos {
         offset: u64,
         data: Vec<u8>,
     ) {
+        let conf_ok = !meta.conf.voters.is_empty()
+            && meta
+                .conf
+                .all_nodes()
+                .iter()
+                .all(|&n| n != NO_NODE && n <= MAX_NODE_ID);
+        if !conf_ok {
+            self.drop_bad(); // No leader could have produced this configuration.
+            return;
+        }
         if b < self.promised {
             self.nack(from, b);
             return;

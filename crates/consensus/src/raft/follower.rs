@@ -103,7 +103,8 @@ impl Raft {
             self.send(from, Body::append_ok(index));
             return;
         }
-        if meta.index == 0 || meta.term > self.term || meta.conf.voters.is_empty() {
+        let conf_ok = !meta.conf.voters.is_empty() && !meta.conf.all_nodes().contains(&NO_NODE);
+        if meta.index == 0 || meta.term > self.term || !conf_ok {
             self.drop_bad();
             return; // Not a snapshot any leader could have produced.
         }
