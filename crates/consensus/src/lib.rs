@@ -36,6 +36,15 @@ pub type GroupId = u64;
 /// "No node" (no vote cast, no known leader).
 pub const NO_NODE: NodeId = 0;
 
+/// The highest term (Raft) or ballot (Multi-Paxos) a peer message may carry. Terms grow by
+/// one per election, so no honest node gets anywhere near it; a message above it is forged
+/// or corrupt and is dropped, which also keeps `term + 1` and ballot arithmetic from
+/// overflowing.
+pub const MAX_TERM: u64 = 1 << 62;
+/// The highest log index or slot a peer message may name, for the same reason: no real log
+/// grows that long, and staying below it keeps `index + 1` from overflowing.
+pub const MAX_INDEX: u64 = 1 << 62;
+
 /// What an entry carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EntryKind {
@@ -308,6 +317,17 @@ pub struct Recovered {
     pub applied: u64,
 }
 
+impl Recovered {
+    /// Where the log starts: the snapshot's (index, term, configuration), or `(0, 0,
+    /// initial)` when there is no snapshot (a new group, or one never compacted).
+    pub fn base(&self, initial: ConfState) -> (u64, u64, ConfState) {
+        match &self.snapshot {
+            Some(s) => (s.meta.index, s.meta.term, s.meta.conf.clone()),
+            None => (0, 0, initial),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Role {
     Follower,
@@ -370,6 +390,15 @@ impl std::error::Error for ProposeError {}
 pub struct ConfigError {
     pub field: &'static str,
     pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError {
+            field,
+            reason: reason.into(),
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -444,12 +473,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, reason: &str| {
-            Err(ConfigError {
-                field,
-                reason: reason.to_string(),
-            })
-        };
+        let bad = |field, reason: &str| Err(ConfigError::new(field, reason));
         if self.id == NO_NODE {
             return bad("id", "must be non-zero");
         }
@@ -486,10 +510,10 @@ impl Config {
     /// Checks `inject_bug` against the engine's list of known bugs.
     pub fn validate_bug(&self, known: &[&str]) -> Result<(), ConfigError> {
         match &self.inject_bug {
-            Some(b) if !known.contains(&b.as_str()) => Err(ConfigError {
-                field: "inject_bug",
-                reason: format!("unknown bug {b:?}; known: {}", known.join(", ")),
-            }),
+            Some(b) if !known.contains(&b.as_str()) => Err(ConfigError::new(
+                "inject_bug",
+                format!("unknown bug {b:?}; known: {}", known.join(", ")),
+            )),
             _ => Ok(()),
         }
     }

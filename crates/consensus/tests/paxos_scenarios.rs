@@ -96,6 +96,32 @@ struct Node {
     reads: Vec<ReadState>,
 }
 
+impl Node {
+    /// Snapshots the state machine at the applied index and compacts the replica up to it;
+    /// the driver stores the snapshot and compacts its log, too. Returns that index.
+    fn compact_applied(&mut self) -> u64 {
+        let data = encode_sm(&self.applied);
+        let idx = self.applied_index;
+        self.replica.compact(idx, data.clone());
+        let term = self
+            .store
+            .entries
+            .iter()
+            .find(|e| e.index == idx)
+            .map_or(0, |e| e.term);
+        let conf = self.replica.status().conf;
+        self.store.install(&Snapshot {
+            meta: concord_consensus::SnapshotMeta {
+                index: idx,
+                term,
+                conf,
+            },
+            data,
+        });
+        idx
+    }
+}
+
 struct Cluster {
     template: Config,
     founders: ConfState,
@@ -485,26 +511,7 @@ fn run_script(name: &str, text: &str) {
             "compact" => {
                 let id = ids(args)[0];
                 let n = c.node(id);
-                let data = encode_sm(&n.applied);
-                let idx = n.applied_index;
-                n.replica.compact(idx, data.clone());
-                // The driver stores the snapshot and compacts its log, too.
-                let term = n
-                    .store
-                    .entries
-                    .iter()
-                    .find(|e| e.index == idx)
-                    .map_or(0, |e| e.term);
-                let conf = n.replica.status().conf;
-                let snap = Snapshot {
-                    meta: concord_consensus::SnapshotMeta {
-                        index: idx,
-                        term,
-                        conf,
-                    },
-                    data,
-                };
-                n.store.install(&snap);
+                let idx = n.compact_applied();
                 assert_eq!(n.replica.status().first_index, idx + 1, "{at}");
             }
             "expect" => expect(c, &at, args),
@@ -801,23 +808,7 @@ fn chaos_run(seed: u64, bug: Option<&str>) -> Result<(), Failure> {
                         let node = c.node(id);
                         let idx = node.applied_index;
                         if idx > node.store.snap_index() {
-                            let data = encode_sm(&node.applied);
-                            node.replica.compact(idx, data.clone());
-                            let term = node
-                                .store
-                                .entries
-                                .iter()
-                                .find(|e| e.index == idx)
-                                .map_or(0, |e| e.term);
-                            let conf = node.replica.status().conf;
-                            node.store.install(&Snapshot {
-                                meta: concord_consensus::SnapshotMeta {
-                                    index: idx,
-                                    term,
-                                    conf,
-                                },
-                                data,
-                            });
+                            node.compact_applied();
                         }
                     }
                 }

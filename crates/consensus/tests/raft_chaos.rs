@@ -64,6 +64,14 @@ struct Cluster {
     next_read: u64,
 }
 
+/// The live leader of the highest term (a deposed one may not know it yet).
+fn top_leader(nodes: &mut BTreeMap<NodeId, Node>) -> Option<&mut Node> {
+    nodes
+        .values_mut()
+        .filter(|n| n.up && n.raft.status().role == Role::Leader)
+        .max_by_key(|n| n.raft.status().term)
+}
+
 impl Cluster {
     fn new(seed: u64, n: u64, bug: Option<&str>) -> Cluster {
         let mut rng = Prng::new(seed);
@@ -298,13 +306,7 @@ impl Cluster {
                 }
             }
             750..=899 => {
-                // The leader of the highest term (a deposed one may not know it yet).
-                let leader = self
-                    .nodes
-                    .values_mut()
-                    .filter(|n| n.up && n.raft.status().role == Role::Leader)
-                    .max_by_key(|n| n.raft.status().term);
-                if let Some(n) = leader {
+                if let Some(n) = top_leader(&mut self.nodes) {
                     self.next_value += 1;
                     let r = n.raft.propose(format!("v{}", self.next_value).into_bytes());
                     if std::env::var_os("CHAOS_DEBUG").is_some() {
@@ -328,13 +330,7 @@ impl Cluster {
             }
             902 if faults => {
                 // Membership: demote or promote node 5 (or remove/re-add) when possible.
-                // The leader of the highest term (a deposed one may not know it yet).
-                let leader = self
-                    .nodes
-                    .values_mut()
-                    .filter(|n| n.up && n.raft.status().role == Role::Leader)
-                    .max_by_key(|n| n.raft.status().term);
-                if let Some(n) = leader {
+                if let Some(n) = top_leader(&mut self.nodes) {
                     let conf = n.raft.conf().clone();
                     let target = 5;
                     let change = if conf.voters.contains(&target) {
@@ -348,13 +344,7 @@ impl Cluster {
                 }
             }
             903 if faults => {
-                // The leader of the highest term (a deposed one may not know it yet).
-                let leader = self
-                    .nodes
-                    .values_mut()
-                    .filter(|n| n.up && n.raft.status().role == Role::Leader)
-                    .max_by_key(|n| n.raft.status().term);
-                if let Some(n) = leader {
+                if let Some(n) = top_leader(&mut self.nodes) {
                     let to = self.rng.range(1, 6);
                     n.raft.transfer_leader(to);
                 }

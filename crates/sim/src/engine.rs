@@ -40,6 +40,11 @@ pub trait EngineModel: Replica + Sized {
     /// grants a second candidate the same term and never accepts below a ballot it promised;
     /// the nemesis also crashes nodes right after they vote.
     fn vote_granted(msg: &Self::Message) -> Option<u64>;
+
+    /// Peer messages the replica dropped as impossible (forged, corrupt, or from a broken
+    /// peer). The simulated network only loses, duplicates and reorders honest messages, so
+    /// any drop is a bug in the sender or in the receiver's validation.
+    fn bad_messages(&self) -> u64;
 }
 
 /// Applies the items of a change; `None` if it would leave no voters.
@@ -70,6 +75,10 @@ fn changed_conf(conf: &ConfState, cc: &ConfChange) -> Option<ConfState> {
 
 impl EngineModel for concord_consensus::raft::Raft {
     const NAME: &'static str = "raft";
+
+    fn bad_messages(&self) -> u64 {
+        concord_consensus::raft::Raft::bad_messages(self)
+    }
 
     fn vote_granted(msg: &Self::Message) -> Option<u64> {
         match msg.body {
@@ -136,6 +145,10 @@ impl EngineModel for concord_consensus::raft::Raft {
 
 impl EngineModel for concord_consensus::paxos::Paxos {
     const NAME: &'static str = "paxos";
+
+    fn bad_messages(&self) -> u64 {
+        concord_consensus::paxos::Paxos::bad_messages(self)
+    }
 
     fn vote_granted(msg: &Self::Message) -> Option<u64> {
         match msg {

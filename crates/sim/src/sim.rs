@@ -15,7 +15,7 @@ use crate::rng::SimRng;
 use crate::store::SimStore;
 use concord_consensus::{
     ConfChange, ConfChangeItem, ConfState, Config, Entry, EntryKind, HardState, NodeId,
-    ProposeError, ReadMode, ReadState, Recovered, Role, Snapshot, SnapshotMeta, NO_NODE,
+    ProposeError, ReadMode, ReadState, Recovered, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
 };
 use concord_storage::StorageError;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -46,6 +46,9 @@ const VOTE_CRASH_ARMED_TICKS: u64 = 60;
 const MAX_GRANTS_KEPT: usize = 64;
 /// Trace lines kept in verbose mode.
 const MAX_TRACE_LINES: usize = 20_000;
+/// Durable writes of a new leadership (its no-op, or its first client entries when it
+/// appends no no-op) on which the new-leader crash fault is rolled.
+const NEW_LEADER_FAULT_WRITES: u32 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiskFaults {
@@ -96,6 +99,9 @@ struct Profile {
     restart_after: (u64, u64),
     partition_ppm: u32,
     heal_after: (u64, u64),
+    /// Share of partitions that put the leader in a minority (the rest are random splits,
+    /// minority/majority splits and bridges).
+    leader_partition_ppm: u32,
     conf_ppm: u32,
     transfer_ppm: u32,
     /// Chance that a newly elected leader is cut off at once.
@@ -118,17 +124,41 @@ impl Profile {
         // Two seeds in five churn leaders hard: five nodes, no pre-vote, one entry
         // per append, and most new leaders crash or are cut off at once.
         let churn = rng.chance(400_000);
-        let n = match if churn { 9 } else { rng.range(0, 10) } {
+        // One seed in five (of the rest) splits the brain: a settled leader is cut off
+        // into a minority for a long while, with few crashes, so it goes on answering the
+        // clients on its side while the majority elects a successor and moves on. Stale
+        // reads (leases, read shortcuts) show up there.
+        let split_brain = !churn && rng.chance(330_000);
+        let n = match if churn {
+            9
+        } else if split_brain {
+            rng.range(1, 10)
+        } else {
+            rng.range(0, 10)
+        } {
             0 => 1,
             1..=5 => 3,
             _ => 5,
         };
         Profile {
             n,
-            crash_ppm: rng.range(0, 30_000) as u32,
+            crash_ppm: if split_brain {
+                rng.range(0, 5_000)
+            } else {
+                rng.range(0, 30_000)
+            } as u32,
             restart_after: (1, rng.range(5, 60)),
-            partition_ppm: rng.range(0, 15_000) as u32,
-            heal_after: (10, rng.range(20, 120)),
+            partition_ppm: if split_brain {
+                rng.range(10_000, 30_000)
+            } else {
+                rng.range(0, 15_000)
+            } as u32,
+            heal_after: if split_brain {
+                (40, rng.range(80, 200))
+            } else {
+                (10, rng.range(20, 120))
+            },
+            leader_partition_ppm: if split_brain { 800_000 } else { 250_000 },
             conf_ppm: rng.range(0, 10_000) as u32,
             transfer_ppm: rng.range(0, 8_000) as u32,
             new_leader_fault_ppm: if churn {
@@ -276,6 +306,12 @@ struct Node<R, S> {
     /// Crash at the next persist, after syncing but before sending (the work is durable
     /// here and nowhere else, as for S5 in Figure 8 of the Raft paper).
     crash_before_send: bool,
+    /// Crash at the next persist, after syncing and in the middle of sending: a random
+    /// subset of that Ready's messages leaves, the rest is lost (partial replication).
+    crash_mid_send: bool,
+    /// (term, durable writes seen) of this node's current leadership, for the new-leader
+    /// fault.
+    leader_writes: (u64, u32),
     /// Votes this node granted, by term/ballot (the last `MAX_GRANTS_KEPT`), across crashes.
     granted: BTreeMap<u64, NodeId>,
     /// The highest term/ballot it granted: a promise made to the world, durable or not.
@@ -316,6 +352,12 @@ struct Client {
     next_req: u64,
     next_value: u64,
     hint: NodeId,
+    /// The node whose side of a partition the client is on: it reaches only the nodes
+    /// that node reaches (all of them when nothing is cut). Drawn anew at each partition.
+    home: NodeId,
+    /// Share of this client's operations that are reads. Read-mostly clients stuck with
+    /// a deposed leader keep reading from it, which is what exposes stale reads.
+    read_ppm: u32,
     busy: Option<InFlight>,
     idle_until: u64,
     /// Last value seen per key, used as a plausible CAS expectation.
@@ -392,10 +434,18 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         };
         let clients = (1..=profile.clients)
             .map(|id| Client {
+                // Some clients only read (a dashboard, a cache filler); client 1 always
+                // writes too, so the liveness phase has writes to wait for.
+                read_ppm: if id > 1 && rng.chance(300_000) {
+                    1_000_000
+                } else {
+                    rng.range(100_000, 900_000) as u32
+                },
                 id,
                 next_req: 1,
                 next_value: 1,
                 hint: NO_NODE,
+                home: rng.range(1, profile.n as u64 + 1),
                 busy: None,
                 idle_until: 0,
                 seen: [0; NUM_KEYS as usize],
@@ -453,6 +503,8 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 synced_hard_state: HardState::default(),
                 crash_in_persist: false,
                 crash_before_send: false,
+                crash_mid_send: false,
+                leader_writes: (0, 0),
                 crash_after_vote_until: None,
                 granted: BTreeMap::new(),
                 announced_promise: 0,
@@ -504,6 +556,12 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         (id - 1) as usize
     }
 
+    /// The node's status if it is up and leads.
+    fn leader_status(&self, id: NodeId) -> Option<Status> {
+        let st = self.nodes[Self::idx(id)].replica.as_ref()?.status();
+        (st.role == Role::Leader).then_some(st)
+    }
+
     fn is_up(&self, id: NodeId) -> bool {
         self.nodes
             .get(Self::idx(id))
@@ -525,6 +583,18 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                         Some(r) => format!("node {} status {:?}", n.id, r.status()),
                         None => format!("node {} down (wiped: {})", n.id, n.wiped),
                     };
+                    self.trace(|| line);
+                }
+                for c in 0..self.clients.len() {
+                    let cl = &self.clients[c];
+                    let line = format!(
+                        "client {} home {} hint {} busy {:?} idle until tick {}",
+                        cl.id,
+                        cl.home,
+                        cl.hint,
+                        cl.busy,
+                        cl.idle_until / UNITS_PER_TICK
+                    );
                     self.trace(|| line);
                 }
                 self.fail(format!(
@@ -550,7 +620,16 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 };
                 if self.is_up(env.to) {
                     if let Some(r) = self.nodes[Self::idx(env.to)].replica.as_mut() {
+                        let bad_before = r.bad_messages();
                         r.step(env.from, env.msg);
+                        if r.bad_messages() != bad_before {
+                            // Honest peers only: the sender or the receiver's validation is
+                            // wrong. Replay with --verbose to see the surrounding history.
+                            self.fail(format!(
+                                "node {} dropped a message from node {} as impossible",
+                                env.to, env.from
+                            ));
+                        }
                     }
                     self.drive(env.to);
                 }
@@ -577,6 +656,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             let n = &mut self.nodes[Self::idx(id)];
             n.crash_in_persist = false;
             n.crash_before_send = false;
+            n.crash_mid_send = false;
             n.crash_after_vote_until = None;
             if n.replica.is_none() && !n.wiped {
                 self.restart(id);
@@ -625,7 +705,9 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             if node.crash_after_vote_until.is_some_and(|t| tick >= t) {
                 node.crash_after_vote_until = None;
             }
-            if node.replica.is_some() && (node.crash_in_persist || node.crash_before_send) {
+            if node.replica.is_some()
+                && (node.crash_in_persist || node.crash_before_send || node.crash_mid_send)
+            {
                 // The crash armed for "during the next persist" did not meet one: crash now.
                 self.crash(id);
             } else if node.replica.is_none() && !node.wiped && node.restart_at_tick <= tick {
@@ -655,7 +737,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     && self.nodes.iter().all(|x| !x.wiped && !x.corrupted)
                     && self.cycle.is_none()
                     && self.rng.chance(self.profile.corrupt_share_ppm);
-                let mut mode = self.rng.range(0, 4);
+                let mut mode = self.rng.range(0, 5);
                 if corrupt && self.nodes[Self::idx(victim)].store.corrupt(&mut self.rng) {
                     self.nodes[Self::idx(victim)].corrupted = true;
                     self.report.corrupt_injected += 1;
@@ -673,6 +755,10 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                             format!("arm crash of node {victim} during its next persist")
                         });
                         self.nodes[Self::idx(victim)].crash_in_persist = true;
+                    }
+                    4 => {
+                        self.trace(|| format!("arm crash of node {victim} while it next sends"));
+                        self.nodes[Self::idx(victim)].crash_mid_send = true;
                     }
                     1 => {
                         self.trace(|| format!("arm crash of node {victim} after its next vote"));
@@ -746,14 +832,22 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         let n = self.profile.n as u64;
         let mut all: Vec<NodeId> = (1..=n).collect();
         self.rng.shuffle(&mut all);
-        let kind = self.rng.range(0, 4);
+        let kind = if self.rng.chance(self.profile.leader_partition_ppm) {
+            1
+        } else {
+            *self.rng.pick(&[0, 2, 3]).expect("not empty")
+        };
         let (a, b, label): (Vec<NodeId>, Vec<NodeId>, &str) = match (kind, leader) {
             (1, Some((l, term))) => {
                 if self.recovery_from.is_none() {
                     self.recovery_from = Some((self.now, term));
                 }
-                let rest = all.iter().copied().filter(|&x| x != l).collect();
-                (vec![l], rest, "isolate leader")
+                // The leader alone, or with a few followers (still a minority).
+                let with = self.rng.range(0, (n - 1) / 2) as usize;
+                let (mut a, mut b): (Vec<NodeId>, Vec<NodeId>) =
+                    all.iter().copied().partition(|&x| x == l);
+                a.extend(b.drain(..with));
+                (a, b, "leader in minority")
             }
             (2, _) => {
                 let minority = (n as usize - 1) / 2;
@@ -774,6 +868,10 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         self.trace(|| format!("partition ({label}) {a:?} | {b:?}"));
         self.main_cut = Some((a, b));
         self.apply_cuts();
+        // Clients are on one side or the other, like the nodes.
+        for c in 0..self.clients.len() {
+            self.clients[c].home = self.rng.range(1, n + 1);
+        }
         self.report.partitions += 1;
         let heal = self
             .rng
@@ -799,6 +897,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         node.replica = None;
         node.crash_in_persist = false;
         node.crash_before_send = false;
+        node.crash_mid_send = false;
         node.crash_after_vote_until = None;
         node.reads.clear();
         node.store.crash(&mut self.rng);
@@ -1136,9 +1235,13 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 self.crash(id);
                 return;
             }
-            // 2. Send.
+            // 2. Send (all of it, or a random part if the node loses power while sending).
+            let cut_send = self.nodes[i].crash_mid_send && wrote;
             let mut voted = false;
             for m in rd.messages {
+                if cut_send && self.rng.chance(500_000) {
+                    continue;
+                }
                 if let Some(term) = R::vote_granted(&m.msg) {
                     voted = true;
                     self.record_grant(id, term, m.to);
@@ -1147,6 +1250,13 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     }
                 }
                 self.net.send(self.now, id, m.to, m.msg, &mut self.rng);
+            }
+            if cut_send {
+                // The entries are durable here and, at most, on the followers that got
+                // their append: Figure 8's partially replicated entries.
+                self.trace(|| format!("node {id} crashes after fsync, while sending"));
+                self.crash(id);
+                return;
             }
             if voted && self.nodes[i].crash_after_vote_until.is_some() {
                 // Power loss right after voting, and a quick restart: a vote that was not
@@ -1181,30 +1291,43 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         self.fail(format!("node {id}: still has work after 1000 Ready rounds"));
     }
 
-    /// A leader that just won (its first Ready of the term is durable, not yet sent) may
-    /// crash before sending it, or be armed to crash before sending its next one; with
-    /// quick restarts this replays the crash patterns of the Raft paper's Figure 8.
+    /// A leader that just won (one of its first durable writes of the term is durable,
+    /// not yet sent: its no-op, or its first client entries if it appends none) may crash
+    /// before sending it, while sending it (some followers get it, others do not), or be
+    /// armed to crash before sending its next one; with quick restarts this replays the
+    /// crash patterns of the Raft paper's Figure 8.
     fn maybe_fault_new_leader(&mut self, id: NodeId) {
         let i = Self::idx(id);
-        let Some(st) = self.nodes[i].replica.as_ref().map(|r| r.status()) else {
+        let Some(st) = self.leader_status(id) else {
             return;
         };
-        if st.role != Role::Leader
-            || st.term <= self.nodes[i].leader_checked_term
+        let node = &mut self.nodes[i];
+        if node.leader_writes.0 != st.term {
+            node.leader_writes = (st.term, 0);
+        }
+        node.leader_writes.1 += 1;
+        if node.leader_writes.1 > NEW_LEADER_FAULT_WRITES
             || !self.rng.chance(self.profile.new_leader_fault_ppm)
         {
             return;
         }
         let back = self.tick_now() + self.rng.range(1, 12);
-        if self.rng.chance(500_000) {
-            self.trace(|| format!("new leader {id} crashes before its first send"));
-            if self.recovery_from.is_none() {
-                self.recovery_from = Some((self.now, st.term));
+        match self.rng.range(0, 3) {
+            0 => {
+                self.trace(|| format!("new leader {id} crashes before its first send"));
+                if self.recovery_from.is_none() {
+                    self.recovery_from = Some((self.now, st.term));
+                }
+                self.crash(id);
             }
-            self.crash(id);
-        } else {
-            self.trace(|| format!("new leader {id} will crash before its next send"));
-            self.nodes[i].crash_before_send = true;
+            1 => {
+                self.trace(|| format!("new leader {id} will crash while sending"));
+                self.nodes[i].crash_mid_send = true;
+            }
+            _ => {
+                self.trace(|| format!("new leader {id} will crash before its next send"));
+                self.nodes[i].crash_before_send = true;
+            }
         }
         self.nodes[i].restart_at_tick = back;
     }
@@ -1497,12 +1620,9 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
     /// Election safety and leader completeness for the node just driven.
     fn check_node(&mut self, id: NodeId) {
         let i = Self::idx(id);
-        let Some(st) = self.nodes[i].replica.as_ref().map(|r| r.status()) else {
+        let Some(st) = self.leader_status(id) else {
             return;
         };
-        if st.role != Role::Leader {
-            return;
-        }
         let other = *self.leaders_by_term.entry(st.term).or_insert(id);
         if other != id {
             self.fail(format!(
@@ -1596,8 +1716,15 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         let target = if hint != NO_NODE && hint <= n {
             hint
         } else {
-            self.rng.range(1, n + 1)
+            self.random_reachable(c)
         };
+        if !self.reachable(c, target) {
+            // The request cannot get there; a real client would wait for its timeout and
+            // then look elsewhere. It certainly did nothing, so it is not an attempt.
+            self.clients[c].hint = NO_NODE;
+            self.retry(c, false);
+            return;
+        }
         let client_id = self.clients[c].id;
         let Some(r) = self.nodes[Self::idx(target)].replica.as_mut() else {
             // Connection refused: the attempt certainly did nothing.
@@ -1644,7 +1771,12 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         let req = cl.next_req;
         cl.next_req += 1;
         let value = ((cl.id as u64) << 32) | cl.next_value;
-        let roll = self.rng.range(0, 10);
+        // 7 is a read; 0..=6 a write: four puts to three compare-and-sets.
+        let roll = if self.rng.chance(self.clients[c].read_ppm) {
+            7
+        } else {
+            self.rng.range(0, 7)
+        };
         let cl = &mut self.clients[c];
         let (what, op) = match roll {
             0..=3 => {
@@ -1659,7 +1791,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     KvOp::Put { value },
                 )
             }
-            4..=6 => (Pending::Read { key }, KvOp::Get),
+            7 => (Pending::Read { key }, KvOp::Get),
             _ => {
                 cl.next_value += 1;
                 let expect = cl.seen[key as usize];
@@ -1702,10 +1834,25 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         self.client_step(c);
     }
 
+    /// Whether client `c` can reach `node` across the current cuts.
+    fn reachable(&self, c: usize, node: NodeId) -> bool {
+        let home = self.clients[c].home;
+        home == node || self.net.connected(home, node)
+    }
+
+    /// A random node client `c` can reach (its home node, at worst).
+    fn random_reachable(&mut self, c: usize) -> NodeId {
+        let n = self.profile.n as u64;
+        let near: Vec<NodeId> = (1..=n).filter(|&x| self.reachable(c, x)).collect();
+        self.rng
+            .pick(&near)
+            .copied()
+            .unwrap_or(self.clients[c].home)
+    }
+
     /// The current attempt failed or timed out: try another node, or give up.
     fn retry(&mut self, c: usize, counts: bool) {
-        let n = self.profile.n as u64;
-        let hint = self.rng.range(1, n + 1);
+        let hint = self.random_reachable(c);
         let cl = &mut self.clients[c];
         let busy = cl.busy.as_mut().expect("retry while idle");
         busy.node = NO_NODE;
@@ -1727,9 +1874,12 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
     }
 
     fn respond(&mut self, node: NodeId, client: u32, req: u64, attempt: Option<u32>, out: KvOut) {
-        let Some(cl) = self.clients.get_mut((client as usize).wrapping_sub(1)) else {
+        let c = (client as usize).wrapping_sub(1);
+        if c >= self.clients.len() || !self.reachable(c, node) {
+            // A partition cut the client off from the node: the answer is lost.
             return;
-        };
+        }
+        let cl = &mut self.clients[c];
         let Some(f) = &cl.busy else {
             return;
         };
@@ -1747,6 +1897,27 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         }
         cl.busy = None;
         cl.idle_until = self.now + self.profile.think_ticks * UNITS_PER_TICK;
+        if self.opts.verbose {
+            // Answers from a node behind the newest leader's term are where stale reads hide.
+            let term = self.nodes[Self::idx(node)]
+                .replica
+                .as_ref()
+                .map_or(0, |r| r.status().term);
+            let newest = self
+                .leaders_by_term
+                .keys()
+                .next_back()
+                .copied()
+                .unwrap_or(0);
+            let behind = if newest > term {
+                " (behind the newest leader)"
+            } else {
+                ""
+            };
+            self.trace(|| {
+                format!("client {client} gets {out:?} from node {node}, key {key}{behind}")
+            });
+        }
         self.seq += 1;
         self.ops[op_index].ret = Some((self.seq, out));
         if is_write

@@ -59,9 +59,10 @@ fn raft_clean_sweep_has_no_violations() {
     assert!(s.violations.is_empty(), "{}", describe(&o, &s));
 }
 
-#[test]
-fn raft_with_disk_corruption_detects_it_and_stays_safe() {
-    let o = opts(100, 1000, None, DiskFaults::Corrupt);
+/// Corrupted durable records must all be detected on recovery, and the group must stay
+/// safe while the corrupt node is rebuilt.
+fn disk_corruption_is_detected_and_safe(engine: &str) {
+    let o = engine_opts(engine, 100, 1000, None, DiskFaults::Corrupt);
     let s = run(&o);
     assert!(
         s.corrupt_injected > 0,
@@ -70,6 +71,11 @@ fn raft_with_disk_corruption_detects_it_and_stays_safe() {
     );
     assert_eq!(s.corrupt_detected, s.corrupt_injected, "{}", s.line());
     assert!(s.violations.is_empty(), "{}", describe(&o, &s));
+}
+
+#[test]
+fn raft_with_disk_corruption_detects_it_and_stays_safe() {
+    disk_corruption_is_detected_and_safe("raft");
 }
 
 /// Every bug the engine can plant must be caught by some check within a bounded sweep.
@@ -113,15 +119,7 @@ fn paxos_clean_sweep_has_no_violations() {
 
 #[test]
 fn paxos_with_disk_corruption_detects_it_and_stays_safe() {
-    let o = engine_opts("paxos", 100, 1000, None, DiskFaults::Corrupt);
-    let s = run(&o);
-    assert!(
-        s.corrupt_injected > 0,
-        "no corruption injected: {}",
-        s.line()
-    );
-    assert_eq!(s.corrupt_detected, s.corrupt_injected, "{}", s.line());
-    assert!(s.violations.is_empty(), "{}", describe(&o, &s));
+    disk_corruption_is_detected_and_safe("paxos");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Peer messages of the Multi-Paxos engine (encoded with postcard on the wire).
 
-use crate::{Entry, SnapshotMeta};
+use crate::{Entry, SnapshotMeta, MAX_INDEX, MAX_TERM};
 use serde::{Deserialize, Serialize};
 
 /// One Multi-Paxos peer message. Every message carries the ballot it belongs to; the
@@ -82,6 +82,47 @@ pub enum Message {
 }
 
 impl Message {
+    /// Whether every ballot, slot and offset the message carries is below the bounds no
+    /// honest peer reaches ([`MAX_TERM`] for ballots, [`MAX_INDEX`] for slots and byte
+    /// offsets); a message that fails this is forged or corrupt and is dropped before any
+    /// arithmetic is done on it.
+    pub fn within_bounds(&self) -> bool {
+        let slot = |i: u64| i <= MAX_INDEX;
+        let ballot = |b: u64| b <= MAX_TERM;
+        let entries = |es: &[Entry]| es.iter().all(|e| slot(e.index) && ballot(e.term));
+        ballot(self.ballot())
+            && match self {
+                Message::Prepare { commit, from, .. } => slot(*commit) && slot(*from),
+                Message::Promise {
+                    from,
+                    entries: es,
+                    commit,
+                    ..
+                } => slot(*from) && slot(*commit) && entries(es),
+                Message::Nack { promised, .. } => ballot(*promised),
+                Message::Accept {
+                    prev,
+                    entries: es,
+                    commit,
+                    ..
+                } => slot(*prev) && slot(*commit) && entries(es),
+                Message::Accepted { matched, .. }
+                | Message::Reject { matched, .. }
+                | Message::HeartbeatAck { matched, .. } => slot(*matched),
+                Message::Heartbeat { commit, .. } => slot(*commit),
+                Message::Snapshot {
+                    meta,
+                    total,
+                    offset,
+                    ..
+                } => slot(meta.index) && ballot(meta.term) && slot(*total) && slot(*offset),
+                Message::SnapshotAck {
+                    index, next_offset, ..
+                } => slot(*index) && slot(*next_offset),
+                Message::TimeoutNow { .. } => true,
+            }
+    }
+
     pub fn ballot(&self) -> u64 {
         match *self {
             Message::Prepare { ballot, .. }

@@ -235,6 +235,8 @@ pub struct Paxos {
     /// (ballot, last index) of the entries in the last Ready, made durable by `advance`.
     pending_stable: Option<(u64, u64)>,
     pending_applied: u64,
+    /// Peer messages dropped because their content was impossible (see `drop_bad`).
+    bad_messages: u64,
 }
 
 impl std::fmt::Debug for Paxos {
@@ -249,18 +251,23 @@ impl std::fmt::Debug for Paxos {
     }
 }
 
-fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field,
-        reason: reason.into(),
-    }
-}
-
 fn data_len(e: &Entry) -> usize {
     e.data.len()
 }
 
 impl Paxos {
+    /// Peer messages dropped so far because their content was impossible.
+    pub fn bad_messages(&self) -> u64 {
+        self.bad_messages
+    }
+
+    /// Drops a peer message whose content no correct peer could have sent (forged,
+    /// corrupt, or from a buggy peer). Messages are input: they may be wrong, they must
+    /// never crash us or make us act on them. Counted for the operator and for tests.
+    fn drop_bad(&mut self) {
+        self.bad_messages += 1;
+    }
+
     fn strict(&self) -> bool {
         // Invariant checks that a planted bug is meant to break are left to the simulator's
         // checkers, so a planted-bug run reports a violation instead of a panic.
@@ -1040,12 +1047,31 @@ impl Paxos {
             let well_formed = prev.checked_add(1 + k as u64) == Some(e.index)
                 && (e.term == b || (e.term < b && e.index <= commit));
             if !well_formed {
-                return; // Malformed: drop.
+                self.drop_bad();
+                return;
             }
         }
         let below = b < self.promised;
         if below && !self.bugs.accept_below_promise {
             self.nack(from, b);
+            return;
+        }
+        // A chosen slot never changes. At or above our promise, a leader proposes a chosen
+        // slot's value only (phase 1 taught it), so an accept that contradicts one we hold
+        // comes from a lying or broken peer: drop all of it before it touches our promise
+        // or log. (Below the promise, which only the planted bug lets through, it is just
+        // a deposed leader's stale proposal.)
+        let contradicts = entries.iter().any(|e| {
+            (e.index <= self.commit || e.index < self.log.first_index())
+                && self
+                    .log
+                    .get(e.index)
+                    .is_some_and(|mine| mine.kind != e.kind || mine.data != e.data)
+        });
+        if contradicts {
+            if !below {
+                self.drop_bad();
+            }
             return;
         }
         if below {
@@ -1077,14 +1103,7 @@ impl Paxos {
         let n = entries.len() as u64;
         for e in entries {
             if e.index <= self.commit || e.index < self.log.first_index() {
-                // Already chosen here: the leader's value must be the chosen one.
-                if let Some(mine) = self.log.get(e.index) {
-                    assert!(
-                        (mine.kind == e.kind && mine.data == e.data) || !self.strict(),
-                        "chosen slot {} would change",
-                        e.index
-                    );
-                }
+                // Already chosen here, with this value (checked above).
                 continue;
             }
             let same = self.log.get(e.index).is_some_and(|m| m.term == e.term);
@@ -1178,18 +1197,22 @@ impl Paxos {
         );
     }
 
-    fn on_heartbeat_ack(&mut self, from: NodeId, b: u64, seq: u64, sent_at: u64, matched: u64) {
+    /// Leader: the progress of a peer answering under our ballot `b`, marked active;
+    /// `None` for an answer to another ballot or from a node we do not replicate to.
+    fn answering_peer(&mut self, from: NodeId, b: u64) -> Option<&mut Progress> {
         if self.role != Role::Leader || b != self.promised {
-            return;
+            return None;
         }
+        let lead = self.lead.as_mut()?;
+        lead.active.insert(from);
+        lead.peers.get_mut(&from)
+    }
+
+    fn on_heartbeat_ack(&mut self, from: NodeId, b: u64, seq: u64, sent_at: u64, matched: u64) {
         let last = self.log.last_index();
         let mut resend_snap = false;
         {
-            let Some(lead) = self.lead.as_mut() else {
-                return;
-            };
-            lead.active.insert(from);
-            let Some(p) = lead.peers.get_mut(&from) else {
+            let Some(p) = self.answering_peer(from, b) else {
                 return;
             };
             p.acked_seq = p.acked_seq.max(seq);
@@ -1239,6 +1262,16 @@ impl Paxos {
         offset: u64,
         data: Vec<u8>,
     ) {
+        let conf_ok = !meta.conf.voters.is_empty()
+            && meta
+                .conf
+                .all_nodes()
+                .iter()
+                .all(|&n| n != NO_NODE && n <= MAX_NODE_ID);
+        if !conf_ok {
+            self.drop_bad(); // No leader could have produced this configuration.
+            return;
+        }
         if b < self.promised {
             self.nack(from, b);
             return;
@@ -1319,17 +1352,10 @@ impl Paxos {
     }
 
     fn on_snapshot_ack(&mut self, from: NodeId, b: u64, index: u64, next_offset: u64) {
-        if self.role != Role::Leader || b != self.promised {
-            return;
-        }
         let total = self.snapshot.as_ref().map_or(0, |s| s.data.len() as u64);
         let mut more = false;
         {
-            let Some(lead) = self.lead.as_mut() else {
-                return;
-            };
-            lead.active.insert(from);
-            let Some(p) = lead.peers.get_mut(&from) else {
+            let Some(p) = self.answering_peer(from, b) else {
                 return;
             };
             let Some(s) = p.snap.as_mut() else { return };
@@ -1374,31 +1400,31 @@ impl Replica for Paxos {
         config.validate()?;
         config.validate_bug(KNOWN_BUGS)?;
         if config.id > MAX_NODE_ID {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "id",
                 format!("must be at most {MAX_NODE_ID} for Multi-Paxos"),
             ));
         }
         let bugs = Bugs::from(config.inject_bug.as_deref());
         let hs = recovered.hard_state;
-        let (snap_idx, snap_term, mut conf) = match &recovered.snapshot {
-            Some(s) => (s.meta.index, s.meta.term, s.meta.conf.clone()),
-            None => (0, 0, initial),
-        };
+        let (snap_idx, snap_term, mut conf) = recovered.base(initial);
         for &n in conf.all_nodes().iter() {
             if n == NO_NODE || n > MAX_NODE_ID {
-                return Err(bad(
+                return Err(ConfigError::new(
                     "initial",
                     format!("node id {n} outside 1..={MAX_NODE_ID}"),
                 ));
             }
         }
         if conf.voters.is_empty() {
-            return Err(bad("initial", "the configuration has no voters"));
+            return Err(ConfigError::new(
+                "initial",
+                "the configuration has no voters",
+            ));
         }
         conf.voters.sort_unstable();
         let log = SlotLog::restore(snap_idx, snap_term, recovered.entries)
-            .map_err(|e| bad("recovered", e))?;
+            .map_err(|e| ConfigError::new("recovered", e))?;
         let last = log.last_index();
         let applied = recovered.applied.max(snap_idx).min(last);
         let commit = hs.commit.max(applied).max(snap_idx).min(last);
@@ -1453,6 +1479,7 @@ impl Replica for Paxos {
             last_hs: hs,
             pending_stable: None,
             pending_applied: applied,
+            bad_messages: 0,
             cfg: config,
         };
         p.become_follower(NO_NODE);
@@ -1521,7 +1548,8 @@ impl Replica for Paxos {
     }
 
     fn step(&mut self, from: NodeId, msg: Message) {
-        if from == NO_NODE || from == self.id || from > MAX_NODE_ID {
+        if from == NO_NODE || from == self.id || from > MAX_NODE_ID || !msg.within_bounds() {
+            self.drop_bad();
             return;
         }
         let b = msg.ballot();
@@ -1581,7 +1609,7 @@ impl Replica for Paxos {
             Message::TimeoutNow { ballot } if owned_by_sender => self.on_timeout_now(from, ballot),
             // A leader-side message whose ballot the sender does not own: forged or
             // corrupt, ignore it.
-            _ => {}
+            _ => self.drop_bad(),
         }
     }
 

@@ -21,6 +21,45 @@ fn entry(index: u64, term: u64, data: &str) -> Entry {
     }
 }
 
+fn accept(ballot: u64, prev: u64, entries: Vec<Entry>, commit: u64) -> Message {
+    Message::Accept {
+        ballot,
+        prev,
+        entries,
+        commit,
+    }
+}
+
+/// A non-forced prepare (no leadership transfer).
+fn prepare(ballot: u64, commit: u64, from: u64) -> Message {
+    Message::Prepare {
+        ballot,
+        commit,
+        from,
+        force: false,
+    }
+}
+
+fn promise(ballot: u64, from: u64, entries: Vec<Entry>, done: bool, commit: u64) -> Message {
+    Message::Promise {
+        ballot,
+        from,
+        entries,
+        done,
+        commit,
+    }
+}
+
+/// The first heartbeat round of ballot `b`'s leader, with nothing committed.
+fn heartbeat(b: u64) -> Message {
+    Message::Heartbeat {
+        ballot: b,
+        commit: 0,
+        seq: 1,
+        sent_at: 0,
+    }
+}
+
 /// Runs one Ready cycle and returns it.
 fn cycle(p: &mut Paxos) -> Ready<Message> {
     let rd = p.ready();
@@ -59,27 +98,14 @@ fn config_is_validated() {
 fn garbage_and_forged_messages_are_ignored() {
     assert!(Paxos::decode_message(&[0xff, 0xff, 0xff]).is_err());
     assert!(Paxos::decode_message(&[]).is_err());
-    let m = Message::Prepare {
-        ballot: ballot::make(3, 2),
-        commit: 0,
-        from: 1,
-        force: false,
-    };
+    let m = prepare(ballot::make(3, 2), 0, 1);
     assert_eq!(
         Paxos::decode_message(&Paxos::encode_message(&m)).unwrap(),
         m
     );
     let mut p = node(1);
     // A prepare whose ballot belongs to another node is forged: no promise.
-    p.step(
-        3,
-        Message::Prepare {
-            ballot: ballot::make(5, 2),
-            commit: 0,
-            from: 1,
-            force: false,
-        },
-    );
+    p.step(3, prepare(ballot::make(5, 2), 0, 1));
     // Unknown or reserved senders never panic.
     p.step(0, m.clone());
     p.step(u64::MAX, m);
@@ -91,15 +117,7 @@ fn garbage_and_forged_messages_are_ignored() {
 fn promise_never_decreases_and_lower_ballots_are_refused() {
     let mut p = node(1);
     let high = ballot::make(4, 3);
-    p.step(
-        3,
-        Message::Prepare {
-            ballot: high,
-            commit: 0,
-            from: 1,
-            force: false,
-        },
-    );
+    p.step(3, prepare(high, 0, 1));
     let rd = cycle(&mut p);
     // Durable promise before the reply leaves.
     assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((high, 3)));
@@ -109,15 +127,7 @@ fn promise_never_decreases_and_lower_ballots_are_refused() {
         (3, Message::Promise { done: true, .. })
     ));
     let low = ballot::make(2, 2);
-    p.step(
-        2,
-        Message::Accept {
-            ballot: low,
-            prev: 0,
-            entries: vec![entry(1, low, "x")],
-            commit: 0,
-        },
-    );
+    p.step(2, accept(low, 0, vec![entry(1, low, "x")], 0));
     let rd = cycle(&mut p);
     assert!(rd.entries.is_empty(), "accepted below the promise");
     assert_eq!(
@@ -140,12 +150,12 @@ fn overwriting_a_slot_re_emits_later_accepted_slots() {
     let b1 = ballot::make(1, 2);
     p.step(
         2,
-        Message::Accept {
-            ballot: b1,
-            prev: 0,
-            entries: vec![entry(1, b1, "a"), entry(2, b1, "b"), entry(3, b1, "c")],
-            commit: 0,
-        },
+        accept(
+            b1,
+            0,
+            vec![entry(1, b1, "a"), entry(2, b1, "b"), entry(3, b1, "c")],
+            0,
+        ),
     );
     assert_eq!(cycle(&mut p).entries.len(), 3);
     // A new leader re-proposes slot 1 and 2 with its own values; slot 3 must survive the
@@ -153,12 +163,7 @@ fn overwriting_a_slot_re_emits_later_accepted_slots() {
     let b2 = ballot::make(2, 3);
     p.step(
         3,
-        Message::Accept {
-            ballot: b2,
-            prev: 0,
-            entries: vec![entry(1, b2, "a"), entry(2, b2, "z")],
-            commit: 0,
-        },
+        accept(b2, 0, vec![entry(1, b2, "a"), entry(2, b2, "z")], 0),
     );
     let rd = cycle(&mut p);
     let got: Vec<(u64, u64)> = rd.entries.iter().map(|e| (e.index, e.term)).collect();
@@ -173,15 +178,7 @@ fn overwriting_a_slot_re_emits_later_accepted_slots() {
 fn accept_leaving_a_hole_is_rejected_with_a_hint() {
     let mut p = node(1);
     let b = ballot::make(1, 2);
-    p.step(
-        2,
-        Message::Accept {
-            ballot: b,
-            prev: 4,
-            entries: vec![entry(5, b, "e")],
-            commit: 0,
-        },
-    );
+    p.step(2, accept(b, 4, vec![entry(5, b, "e")], 0));
     let rd = cycle(&mut p);
     assert!(rd.entries.is_empty());
     assert_eq!(
@@ -202,15 +199,7 @@ fn new_leader_reproposes_highest_ballot_values_page_by_page() {
     let old = ballot::make(1, 2);
     let newer = ballot::make(1, 3);
     // Node 1 accepted `a` in slot 1 from the old leader 2.
-    p.step(
-        2,
-        Message::Accept {
-            ballot: old,
-            prev: 0,
-            entries: vec![entry(1, old, "a")],
-            commit: 0,
-        },
-    );
+    p.step(2, accept(old, 0, vec![entry(1, old, "a")], 0));
     cycle(&mut p);
     p.campaign_now();
     let b = p.status().term;
@@ -223,43 +212,16 @@ fn new_leader_reproposes_highest_ballot_values_page_by_page() {
         .count();
     assert_eq!(prepares, 2);
     // Node 2 reports slot 1 = "x" under a higher ballot than ours, one page at a time.
-    p.step(
-        2,
-        Message::Promise {
-            ballot: b,
-            from: 1,
-            entries: vec![entry(1, newer, "x")],
-            done: false,
-            commit: 0,
-        },
-    );
+    p.step(2, promise(b, 1, vec![entry(1, newer, "x")], false, 0));
     let rd = cycle(&mut p);
     assert!(matches!(
         sent(&rd)[0],
         (2, Message::Prepare { from: 2, .. })
     ));
     // A duplicate of the first page changes nothing.
-    p.step(
-        2,
-        Message::Promise {
-            ballot: b,
-            from: 1,
-            entries: vec![entry(1, newer, "x")],
-            done: true,
-            commit: 0,
-        },
-    );
+    p.step(2, promise(b, 1, vec![entry(1, newer, "x")], true, 0));
     assert_eq!(p.status().role, Role::Candidate);
-    p.step(
-        2,
-        Message::Promise {
-            ballot: b,
-            from: 2,
-            entries: vec![entry(2, old, "y")],
-            done: true,
-            commit: 0,
-        },
-    );
+    p.step(2, promise(b, 2, vec![entry(2, old, "y")], true, 0));
     assert_eq!(p.status().role, Role::Leader);
     let rd = cycle(&mut p);
     let got: Vec<(u64, String, u64)> = rd
@@ -356,15 +318,7 @@ fn restart_restores_promise_log_and_redelivers_after_applied() {
         vec![2]
     );
     // A lower ballot is still refused after the restart.
-    p.step(
-        3,
-        Message::Prepare {
-            ballot: ballot::make(2, 3),
-            commit: 0,
-            from: 1,
-            force: false,
-        },
-    );
+    p.step(3, prepare(ballot::make(2, 3), 0, 1));
     assert!(matches!(sent(&cycle(&mut p))[0], (3, Message::Nack { .. })));
 }
 
@@ -374,45 +328,24 @@ fn lease_guard_ignores_prepares_while_a_leader_is_alive() {
     c.check_quorum = true;
     let mut p = Paxos::create(c, ConfState::new([1, 2, 3]), Recovered::default()).unwrap();
     let b = ballot::make(1, 2);
-    p.step(
-        2,
-        Message::Heartbeat {
-            ballot: b,
-            commit: 0,
-            seq: 1,
-            sent_at: 0,
-        },
-    );
+    p.step(2, heartbeat(b));
     cycle(&mut p);
-    let prepare = Message::Prepare {
-        ballot: ballot::make(2, 3),
-        commit: 0,
-        from: 1,
-        force: false,
-    };
-    p.step(3, prepare.clone());
+    let prep = prepare(ballot::make(2, 3), 0, 1);
+    p.step(3, prep.clone());
     assert_eq!(
         p.status().term,
         b,
         "promised while the leader's lease may hold"
     );
     for _ in 0..10 {
-        p.step(
-            2,
-            Message::Heartbeat {
-                ballot: b,
-                commit: 0,
-                seq: 1,
-                sent_at: 0,
-            },
-        );
+        p.step(2, heartbeat(b));
         cycle(&mut p);
     }
     // Silence for an election timeout: the guard lapses.
     for _ in 0..10 {
         p.tick();
     }
-    p.step(3, prepare);
+    p.step(3, prep);
     assert_eq!(p.status().term, ballot::make(2, 3));
 }
 
@@ -439,16 +372,7 @@ fn random_garbage_never_panics() {
             _ => {
                 p.campaign_now();
                 for from in [2, 3] {
-                    p.step(
-                        from,
-                        Message::Promise {
-                            ballot: p.status().term,
-                            from: 1,
-                            entries: vec![],
-                            done: true,
-                            commit: 0,
-                        },
-                    );
+                    p.step(from, promise(p.status().term, 1, vec![], true, 0));
                 }
                 let _ = p.propose(b"x".to_vec());
             }
@@ -467,24 +391,13 @@ fn random_garbage_never_panics() {
                     from: y,
                     force: rng.range(0, 2) == 0,
                 },
-                1 => Message::Promise {
-                    ballot: b,
-                    from: x,
-                    entries,
-                    done: rng.range(0, 2) == 0,
-                    commit: y,
-                },
+                1 => promise(b, x, entries, rng.range(0, 2) == 0, y),
                 2 => Message::Nack {
                     ballot: b,
                     promised: x,
                     behind: rng.range(0, 2) == 0,
                 },
-                3 => Message::Accept {
-                    ballot: b,
-                    prev: x,
-                    entries,
-                    commit: y,
-                },
+                3 => accept(b, x, entries, y),
                 4 => Message::Accepted {
                     ballot: b,
                     matched: x,
@@ -548,4 +461,43 @@ fn leader_reports_match_index() {
     q.campaign_now();
     let _ = cycle(&mut q);
     assert_eq!(q.match_index(3), None, "still a candidate");
+}
+
+/// A peer that lies about a chosen slot (same ballot, other value) must not crash us or
+/// change the slot: the whole accept is dropped and counted.
+#[test]
+fn forged_accept_contradicting_a_chosen_slot_is_dropped() {
+    let mut p = node(1);
+    let b = ballot::make(1, 2);
+    p.step(2, accept(b, 0, vec![entry(1, b, "chosen")], 1));
+    cycle(&mut p);
+    assert_eq!(p.status().commit, 1, "slot 1 is chosen");
+    let dropped = p.bad_messages();
+    for forged_ballot in [b, ballot::make(5, 2)] {
+        p.step(
+            2,
+            accept(
+                forged_ballot,
+                0,
+                vec![entry(1, b, "forged"), entry(2, forged_ballot, "x")],
+                2,
+            ),
+        );
+    }
+    assert_eq!(p.bad_messages(), dropped + 2);
+    assert_eq!(
+        p.log.get(1).map(|e| e.data.as_slice()),
+        Some(&b"chosen"[..])
+    );
+    assert_eq!(
+        p.log.last_index(),
+        1,
+        "nothing of the forged accepts was taken"
+    );
+    assert_eq!(
+        p.status().term,
+        b,
+        "the forged higher ballot was not promised"
+    );
+    assert_eq!(p.status().commit, 1);
 }

@@ -15,11 +15,13 @@ impl Raft {
         // Reject malformed batches outright: indices must follow prev_index and terms may
         // not exceed the leader's term or go backwards.
         if prev_index.checked_add(entries.len() as u64 + 1).is_none() {
+            self.drop_bad();
             return; // Indices this large cannot come from a real log.
         }
         let mut t = prev_term;
         for (e, expect) in entries.iter().zip(prev_index + 1..) {
             if e.index != expect || e.term < t || e.term > self.term {
+                self.drop_bad();
                 return;
             }
             t = e.term;
@@ -34,7 +36,10 @@ impl Raft {
                 .term(self.commit)
                 .expect("commit is in the log or snapshot");
             if let Some(first) = entries.first() {
-                if first.index != prev_index + 1 {
+                if first.index != prev_index + 1 || first.term < prev_term {
+                    // Its terms were checked against the message's own prev_term, not
+                    // against our committed entry; a real leader's never go below it.
+                    self.drop_bad();
                     return;
                 }
             }
@@ -42,28 +47,12 @@ impl Raft {
         match self.log.term(prev_index) {
             None => {
                 let hint_index = self.log.last_index() + 1;
-                self.send(
-                    from,
-                    Body::AppendResp {
-                        index: prev_index,
-                        reject: true,
-                        hint_index,
-                        hint_term: 0,
-                    },
-                );
+                self.send(from, Body::append_reject(prev_index, hint_index, 0));
                 return;
             }
             Some(t) if t != prev_term => {
                 let hint_index = self.log.first_index_of_term_at(prev_index);
-                self.send(
-                    from,
-                    Body::AppendResp {
-                        index: prev_index,
-                        reject: true,
-                        hint_index,
-                        hint_term: t,
-                    },
-                );
+                self.send(from, Body::append_reject(prev_index, hint_index, t));
                 return;
             }
             Some(_) => {}
@@ -77,6 +66,7 @@ impl Raft {
                     if e.index <= self.commit {
                         // A correct leader never contradicts a committed entry; ignore
                         // the message rather than lose committed data.
+                        self.drop_bad();
                         return;
                     }
                     self.truncate_from(e.index);
@@ -95,15 +85,7 @@ impl Raft {
             self.log.append(e);
         }
         self.commit_to(leader_commit.min(last_new));
-        self.send(
-            from,
-            Body::AppendResp {
-                index: last_new,
-                reject: false,
-                hint_index: 0,
-                hint_term: 0,
-            },
-        );
+        self.send(from, Body::append_ok(last_new));
     }
 
     pub(super) fn handle_snapshot_chunk(
@@ -118,18 +100,12 @@ impl Raft {
             // We already have all of it: tell the leader where we are.
             self.incoming = None;
             let index = self.commit;
-            self.send(
-                from,
-                Body::AppendResp {
-                    index,
-                    reject: false,
-                    hint_index: 0,
-                    hint_term: 0,
-                },
-            );
+            self.send(from, Body::append_ok(index));
             return;
         }
-        if meta.index == 0 || meta.term > self.term || meta.conf.voters.is_empty() {
+        let conf_ok = !meta.conf.voters.is_empty() && !meta.conf.all_nodes().contains(&NO_NODE);
+        if meta.index == 0 || meta.term > self.term || !conf_ok {
+            self.drop_bad();
             return; // Not a snapshot any leader could have produced.
         }
         let term = self.term;
@@ -137,35 +113,30 @@ impl Raft {
             .incoming
             .as_ref()
             .is_some_and(|s| s.term == term && s.meta == meta && s.data.len() as u64 == offset);
+        // A chunk at offset 0 (re)starts the transfer; any other must continue it exactly.
+        let in_order = matches || offset == 0;
         if offset == 0 {
             self.incoming = Some(IncomingSnapshot {
                 term,
                 meta: meta.clone(),
                 data: Vec::new(),
             });
-        } else if !matches {
+        }
+        if in_order {
+            let inc = self.incoming.as_mut().expect("set above");
+            if inc.data.len() + data.len() > MAX_SNAPSHOT_BYTES {
+                self.incoming = None;
+                return;
+            }
+            inc.data.extend_from_slice(&data);
+        }
+        if !in_order || !done {
+            // Out of order (tell the leader where we are) or more to come.
             let next_offset = self
                 .incoming
                 .as_ref()
                 .filter(|s| s.term == term && s.meta == meta)
                 .map_or(0, |s| s.data.len() as u64);
-            self.send(
-                from,
-                Body::SnapshotResp {
-                    index: meta.index,
-                    next_offset,
-                },
-            );
-            return;
-        }
-        let inc = self.incoming.as_mut().expect("set above");
-        if inc.data.len() + data.len() > MAX_SNAPSHOT_BYTES {
-            self.incoming = None;
-            return;
-        }
-        inc.data.extend_from_slice(&data);
-        if !done {
-            let next_offset = inc.data.len() as u64;
             self.send(
                 from,
                 Body::SnapshotResp {
@@ -181,15 +152,7 @@ impl Raft {
             data: inc.data,
         });
         let index = self.commit;
-        self.send(
-            from,
-            Body::AppendResp {
-                index,
-                reject: false,
-                hint_index: 0,
-                hint_term: 0,
-            },
-        );
+        self.send(from, Body::append_ok(index));
     }
 
     /// Installs a snapshot received from the leader (thesis §5.3).

@@ -169,6 +169,8 @@ pub struct Raft {
     commit_dirty: bool,
     /// vote_without_persist bug: the vote is hidden from `Ready::hard_state`.
     bug_hide_vote: bool,
+    /// Peer messages dropped because their content was impossible (see `drop_bad`).
+    bad_messages: u64,
 }
 
 impl Raft {
@@ -473,8 +475,21 @@ impl Raft {
         (self.cfg.check_quorum || pre_vote) && heard && self.election_elapsed < self.e()
     }
 
+    /// Peer messages dropped so far because their content was impossible.
+    pub fn bad_messages(&self) -> u64 {
+        self.bad_messages
+    }
+
+    /// Drops a peer message whose content no correct peer could have sent (forged,
+    /// corrupt, or from a buggy peer). Messages are input: they may be wrong, they must
+    /// never crash us or make us act on them. Counted for the operator and for tests.
+    pub(super) fn drop_bad(&mut self) {
+        self.bad_messages += 1;
+    }
+
     fn step_inner(&mut self, from: NodeId, m: Message) {
-        if from == NO_NODE || from == self.id {
+        if from == NO_NODE || from == self.id || !m.within_bounds() {
+            self.drop_bad();
             return;
         }
         let known = self.conf_state().all_nodes().contains(&from);
@@ -527,15 +542,7 @@ impl Raft {
                 {
                     // A stale leader (e.g. back from a partition) must learn our term,
                     // otherwise with pre-vote nobody ever tells it and it never steps down.
-                    self.send(
-                        from,
-                        Body::AppendResp {
-                            index: 0,
-                            reject: true,
-                            hint_index: 0,
-                            hint_term: 0,
-                        },
-                    );
+                    self.send(from, Body::append_reject(0, 0, 0));
                 }
                 Body::PreVote { .. } => self.send(from, Body::PreVoteResp { reject: true }),
                 // Figure 3.1: the reply carries our term so a stale candidate catches up. It
@@ -830,16 +837,9 @@ impl Replica for Raft {
     ) -> Result<Self, ConfigError> {
         config.validate()?;
         config.validate_bug(KNOWN_BUGS)?;
-        let bad = |field: &'static str, reason: &str| ConfigError {
-            field,
-            reason: reason.to_string(),
-        };
-        let (snap_index, snap_term, base_conf) = match &recovered.snapshot {
-            Some(s) => (s.meta.index, s.meta.term, s.meta.conf.clone()),
-            None => (0, 0, initial),
-        };
+        let (snap_index, snap_term, base_conf) = recovered.base(initial);
         let log = RaftLog::new(snap_index, snap_term, recovered.entries.clone())
-            .map_err(|r| bad("recovered.entries", r))?;
+            .map_err(|r| ConfigError::new("recovered.entries", r))?;
         let mut hs = recovered.hard_state;
         if hs.term < log.last_term() {
             // The entries and the hard state of one Ready were written together, and a
@@ -897,6 +897,7 @@ impl Replica for Raft {
             replicate_dirty: false,
             commit_dirty: false,
             bug_hide_vote: false,
+            bad_messages: 0,
             cfg: config,
         };
         // Recompute the configuration from the ConfChange entries after the snapshot.

@@ -1,7 +1,7 @@
 //! Raft's peer messages. Every message carries the sender's term; `step` applies the term
 //! rules once on that field before looking at the body.
 
-use crate::{Entry, SnapshotMeta};
+use crate::{Entry, SnapshotMeta, MAX_INDEX, MAX_TERM};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,7 +84,76 @@ pub enum Body {
     },
 }
 
+impl Message {
+    /// Whether every term, index and offset the message carries is below the bounds no
+    /// honest peer reaches ([`MAX_TERM`], [`MAX_INDEX`]); a message that fails this is
+    /// forged or corrupt and is dropped before any arithmetic is done on it.
+    pub fn within_bounds(&self) -> bool {
+        let idx = |i: u64| i <= MAX_INDEX;
+        let term = |t: u64| t <= MAX_TERM;
+        let entries = |es: &[Entry]| es.iter().all(|e| idx(e.index) && term(e.term));
+        term(self.term)
+            && match &self.body {
+                Body::PreVote {
+                    last_index,
+                    last_term,
+                }
+                | Body::Vote {
+                    last_index,
+                    last_term,
+                    ..
+                } => idx(*last_index) && term(*last_term),
+                Body::Append {
+                    prev_index,
+                    prev_term,
+                    entries: es,
+                    commit,
+                } => idx(*prev_index) && term(*prev_term) && idx(*commit) && entries(es),
+                Body::AppendResp {
+                    index,
+                    hint_index,
+                    hint_term,
+                    ..
+                } => idx(*index) && idx(*hint_index) && term(*hint_term),
+                Body::Heartbeat { commit, .. } => idx(*commit),
+                Body::Snapshot { meta, offset, .. } => {
+                    idx(meta.index) && term(meta.term) && *offset <= MAX_INDEX
+                }
+                Body::SnapshotResp { index, next_offset } => {
+                    idx(*index) && *next_offset <= MAX_INDEX
+                }
+                Body::ReadIndexResp { index, .. } => idx(*index),
+                Body::PreVoteResp { .. }
+                | Body::VoteResp { .. }
+                | Body::HeartbeatResp { .. }
+                | Body::TimeoutNow
+                | Body::ReadIndex { .. } => true,
+            }
+    }
+}
+
 impl Body {
+    /// A successful append answer: the follower's log matches the leader's up to `index`.
+    pub fn append_ok(index: u64) -> Body {
+        Body::AppendResp {
+            index,
+            reject: false,
+            hint_index: 0,
+            hint_term: 0,
+        }
+    }
+
+    /// A rejection of the append at `prev_index`, with the back-tracking hint (see
+    /// [`Body::AppendResp`]).
+    pub fn append_reject(prev_index: u64, hint_index: u64, hint_term: u64) -> Body {
+        Body::AppendResp {
+            index: prev_index,
+            reject: true,
+            hint_index,
+            hint_term,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Body::PreVote { .. } => "PreVote",

@@ -209,7 +209,8 @@ impl Raft {
         };
         let (state, matched, next) = (pr.state, pr.matched, pr.next);
         if index > last {
-            return; // Acknowledges something we never sent: invalid.
+            self.drop_bad(); // Acknowledges something we never sent: invalid.
+            return;
         }
         self.progress.get_mut(&from).expect("present").recent_active = true;
         if reject {

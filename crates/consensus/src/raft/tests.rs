@@ -396,20 +396,22 @@ fn recovered_hard_state_older_than_log_adopts_the_log_term() {
     );
 }
 
+/// Node 1 asks for a vote in term 1 with an empty log.
+fn first_vote_request() -> Message {
+    Message {
+        term: 1,
+        body: Body::Vote {
+            last_index: 0,
+            last_term: 0,
+            transfer: false,
+        },
+    }
+}
+
 #[test]
 fn vote_is_in_the_same_ready_as_its_response() {
     let mut r = Raft::create(cfg(2), ConfState::new([1, 2, 3]), Recovered::default()).unwrap();
-    r.step(
-        1,
-        Message {
-            term: 1,
-            body: Body::Vote {
-                last_index: 0,
-                last_term: 0,
-                transfer: false,
-            },
-        },
-    );
+    r.step(1, first_vote_request());
     let rd = r.ready();
     assert_eq!(
         rd.hard_state,
@@ -429,17 +431,7 @@ fn vote_is_in_the_same_ready_as_its_response() {
     let mut c = cfg(2);
     c.inject_bug = Some("vote_without_persist".into());
     let mut r = Raft::create(c, ConfState::new([1, 2, 3]), Recovered::default()).unwrap();
-    r.step(
-        1,
-        Message {
-            term: 1,
-            body: Body::Vote {
-                last_index: 0,
-                last_term: 0,
-                transfer: false,
-            },
-        },
-    );
+    r.step(1, first_vote_request());
     assert_eq!(r.ready().hard_state.map(|h| h.vote), Some(0));
 }
 
