@@ -197,8 +197,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| record | batch | WAL MB/s | WAL p50 ms | WAL p99 ms | raw MB/s | raw p50 ms | raw p99 ms | raw 1 MiB writes MB/s | WAL % of best raw | WAL on-disk MB/s (with framing) |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for size in RECORD_SIZES {
-        for batch in BATCH_SIZES {
+    let list = |name: &str, all: &[usize]| -> Result<Vec<usize>, String> {
+        arg(&args, name).map_or(Ok(all.to_vec()), |v| {
+            v.split(',')
+                .map(|x| x.parse().map_err(|_| format!("{name}: not a number: {x}")))
+                .collect()
+        })
+    };
+    let sizes = list("--records", &RECORD_SIZES)?;
+    let batches = list("--batches", &BATCH_SIZES)?;
+    for &size in &sizes {
+        for &batch in &batches {
             let (r, c, w) = cell(&dir, size, batch, &limits)?;
             let size_label = if size >= 1024 {
                 format!("{} KiB", size / 1024)

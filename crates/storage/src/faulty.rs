@@ -344,7 +344,7 @@ mod tests {
             // Find the last entry record.
             let (mut at, mut last_entry) = (0, None);
             while let Ok((rec, n)) = record::decode(&bytes[at..]) {
-                if matches!(rec, Record::Entry(_)) {
+                if matches!(rec, Record::Entry(_) | Record::Entries(_)) {
                     last_entry = Some(at);
                 }
                 at += n;

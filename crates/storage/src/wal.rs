@@ -48,6 +48,10 @@ pub const WRITE_BUFFER_BYTES_MAX_DEFAULT: usize = 1 << 20;
 /// Encoded size of a `SyncMark` record.
 const SYNC_MARK_BYTES: u64 = HEADER_BYTES as u64 + 8;
 
+/// Largest `Entries` record the WAL writes (a single entry may be larger, in an `Entry`
+/// record): bounds the buffer and what replay decodes at once.
+pub const ENTRIES_RECORD_BYTES_MAX: usize = 1 << 20;
+
 /// Encoded size of a `BatchBegin` record.
 const BATCH_BEGIN_BYTES: u64 = HEADER_BYTES as u64 + 16;
 
@@ -771,6 +775,11 @@ impl<D: Disk> Wal<D> {
             let want = b.first_index + b.entries.len() as u64;
             match rec {
                 Record::Entry(e) if e.index == want => b.entries.push(e),
+                Record::Entries(v)
+                    if v[0].index == want && b.entries.len() + v.len() <= b.count as usize =>
+                {
+                    b.entries.extend(v)
+                }
                 other => {
                     return Err(bad(format!(
                         "expected entry {want} of the batch begun at byte offset {}, found {}",
@@ -831,6 +840,11 @@ impl<D: Disk> Wal<D> {
                 return Err(bad("segment does not begin with a start record".into()));
             }
             Record::Entry(e) => Self::replay_entry(rp, seg, e, path, rec_at)?,
+            Record::Entries(v) => {
+                for e in v {
+                    Self::replay_entry(rp, seg, e, path, rec_at)?;
+                }
+            }
             Record::BatchBegin { first_index, count } => {
                 if count == 0 || first_index == 0 || first_index > rp.last() + 1 {
                     return Err(bad(format!(
@@ -879,6 +893,7 @@ fn record_kind(r: &Record) -> &'static str {
     match r {
         Record::SegmentStart { .. } => "a segment start",
         Record::Entry(_) => "an entry out of order",
+        Record::Entries(_) => "entries out of order or past the batch",
         Record::HardState(_) => "a hard state",
         Record::Compact { .. } => "a compaction",
         Record::BatchBegin { .. } => "another batch",
@@ -909,33 +924,65 @@ impl<D: Disk> LogStore for Wal<D> {
                 count: entries.len() as u64,
             })?;
         }
-        for e in entries {
-            let size = entry_bytes(e);
+        // Consecutive entries of one term share an `Entries` record (5 bytes of framing
+        // each instead of 33, one checksum), up to a bounded size and never past the
+        // segment's limit; a lone entry is an `Entry` record (smaller for one).
+        let group_bytes_max = ENTRIES_RECORD_BYTES_MAX.min(self.opts.write_buffer_bytes_max) as u64;
+        let mut i = 0;
+        while i < entries.len() {
+            let first = &entries[i];
             let active = self.segments.last().expect("active segment");
             if !truncating
                 && active.has_entries
-                && active.bytes + size > self.opts.segment_bytes_max
+                && active.bytes + entry_bytes(first) > self.opts.segment_bytes_max
             {
                 self.roll(None)?;
             }
-            if e.index <= self.last {
-                self.truncate_terms(e.index - 1);
+            let mut end = i + 1;
+            if self.batching {
+                let active = self.segments.last().expect("active segment");
+                // A batch never spans segments (it rolled before, if need be).
+                let room = if truncating {
+                    u64::MAX
+                } else {
+                    self.opts.segment_bytes_max.saturating_sub(active.bytes)
+                };
+                let mut data = first.data.len();
+                while let Some(e) = entries.get(end) {
+                    let bytes =
+                        record::entries_record_bytes(end + 1 - i, data + e.data.len()) as u64;
+                    if e.term != first.term || bytes > group_bytes_max || bytes > room {
+                        break;
+                    }
+                    data += e.data.len();
+                    end += 1;
+                }
+            }
+            let group = &entries[i..end];
+            let last = group.last().expect("a group is never empty");
+            if first.index <= self.last {
+                self.truncate_terms(first.index - 1);
             }
             self.unmarked = true;
             let before = self.pending.len();
-            record::encode_entry(&mut self.pending, e);
+            if let [e] = group {
+                record::encode_entry(&mut self.pending, e);
+            } else {
+                record::encode_entries(&mut self.pending, group);
+            }
             let n = (self.pending.len() - before) as u64;
             let active = self.active();
             active.bytes += n;
-            active.max_index = active.max_index.max(e.index);
+            active.max_index = active.max_index.max(last.index);
             active.has_entries = true;
-            if self.terms.last().map(|&(_, t)| t) != Some(e.term) {
-                self.terms.push((e.index, e.term));
+            if self.terms.last().map(|&(_, t)| t) != Some(first.term) {
+                self.terms.push((first.index, first.term));
             }
-            self.last = e.index;
+            self.last = last.index;
             if self.pending.len() >= self.opts.write_buffer_bytes_max {
                 self.flush()?;
             }
+            i = end;
         }
         Ok(())
     }

@@ -92,13 +92,13 @@ fn write_log(dir: &Path, n: u64, segment_bytes_max: u64) {
 #[test]
 fn reopen_returns_everything_synced() {
     let d = TempDir::new("reopen");
-    write_log(&d.0, 95, 4096);
+    write_log(&d.0, 395, 4096);
     assert!(segments(&d.0).len() > 1, "segments rolled");
     let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
     let r = wal.recover().unwrap();
-    assert_eq!(r.entries, ents(1..=95, 1));
-    assert_eq!(r.hard_state.commit, 91);
-    assert_eq!((wal.first_index(), wal.last_index()), (1, 95));
+    assert_eq!(r.entries, ents(1..=395, 1));
+    assert_eq!(r.hard_state.commit, 391);
+    assert_eq!((wal.first_index(), wal.last_index()), (1, 395));
 }
 
 #[test]
@@ -142,7 +142,7 @@ fn damaged_length_in_the_last_segment_is_corruption_not_a_torn_tail() {
 #[test]
 fn corruption_in_an_older_segment_is_reported_even_in_its_last_record() {
     let d = TempDir::new("flip-old-seg");
-    write_log(&d.0, 200, 4096);
+    write_log(&d.0, 800, 4096);
     let segs = segments(&d.0);
     assert!(segs.len() >= 3);
     let seg = &segs[1];
@@ -165,8 +165,8 @@ fn torn_tail_is_cut_off_and_the_node_starts() {
     let offsets = record_offsets(&seg);
     let last_record = *offsets.last().unwrap();
     let len = fs::metadata(&seg).unwrap().len();
-    // The last write was entries 31..40, the hard state and a sync marker; cut into the
-    // last entry.
+    // The last write was entries 31..40 (one entries record), the hard state and a sync
+    // marker; cut into the entries record, which is then lost whole.
     let cut_at = offsets[offsets.len() - 3];
     fs::OpenOptions::new()
         .write(true)
@@ -177,18 +177,18 @@ fn torn_tail_is_cut_off_and_the_node_starts() {
     assert!(last_record as u64 > cut_at as u64 && len > cut_at as u64 + 7);
     let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
     let r = wal.recover().unwrap();
-    assert_eq!(r.entries, ents(1..=39, 1));
+    assert_eq!(r.entries, ents(1..=30, 1));
     assert_eq!(
         fs::metadata(&seg).unwrap().len(),
-        cut_at as u64 + 24,
-        "the torn bytes are gone (and a sync marker now ends the file)"
+        cut_at as u64,
+        "the torn bytes are gone (the previous sync's marker ends the file again)"
     );
     // The log goes on from there, and a reopen sees the new entries.
-    wal.append(&ents(40..=41, 2)).unwrap();
+    wal.append(&ents(31..=32, 2)).unwrap();
     wal.sync().unwrap();
     drop(wal);
     let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
-    assert_eq!(wal.recover().unwrap().entries.last().unwrap().index, 41);
+    assert_eq!(wal.recover().unwrap().entries.last().unwrap().index, 32);
 }
 
 #[test]
@@ -245,8 +245,9 @@ fn damage_to_the_last_synced_hard_state_is_corruption() {
 #[test]
 fn a_missing_middle_segment_is_reported() {
     let d = TempDir::new("missing");
-    write_log(&d.0, 200, 4096);
+    write_log(&d.0, 800, 4096);
     let segs = segments(&d.0);
+    assert!(segs.len() >= 3);
     fs::remove_file(&segs[1]).unwrap();
     match Wal::open(&d.0, opts(4096)) {
         Err(StorageError::Corrupt { path, detail, .. }) => {
