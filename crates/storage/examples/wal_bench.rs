@@ -2,22 +2,23 @@
 //!
 //! ```text
 //! cargo run --release -p concord-storage --example wal_bench -- --dir /tmp/walbench
-//!     [--cell-ms 2000] [--cell-batches 5000] [--cell-mib 512] [--no-fsync]
+//!     [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync]
+//!     [--records 128,1024,16384] [--batches 1,8,64,256,1024]
 //! ```
 //!
 //! For each record size (128 B, 1 KiB, 16 KiB) and batch size (1, 8, 64, 256, 1024):
-//! - raw: `write` of one buffer of size x batch bytes, then `fdatasync`;
-//! - raw 1 MiB: the same bytes in writes of at most 1 MiB (as the WAL hands them over),
-//!   then `fdatasync`;
-//! - wal: `append` of `batch` entries of `size` bytes of data, then `sync`;
+//! - raw: `write` of one buffer of size x batch bytes to a file opened with `O_APPEND`,
+//!   then `fdatasync`: the plain loop an application without a WAL format would run;
+//! - wal: `append` of `batch` entries of `size` bytes of data, then `sync`.
 //!
-//! rotating (raw, wal, raw 1 MiB, then wal, raw 1 MiB, raw, ...) in one loop so both meet the same disk weather.
-//! Throughput is bytes over the time spent in that side's operations.
+//! The two alternate batch by batch (raw first on even iterations, WAL first on odd ones)
+//! so that both meet the same disk weather on a shared machine. Both files start empty
+//! and grow by appending: neither is preallocated.
 //!
-//! Throughput counts entry data bytes only (the WAL's headers are its overhead), so
-//! "% of best raw" is what the WAL delivers of the better of the two raw loops.
-//! Each cell stops at whichever comes first: `--cell-ms` (both sides together),
-//! `--cell-batches` per side, `--cell-mib` written by both sides together.
+//! Throughput counts entry data bytes only (the WAL's framing is its overhead) over the
+//! time spent in that side's operations; "on-disk" is what the WAL's files actually grew
+//! by, over the same time. Each cell stops at whichever comes first: `--cell-ms` (both
+//! sides together), `--cell-batches` per side, `--cell-mib` written by both together.
 
 use concord_consensus::{Entry, EntryKind};
 use concord_storage::wal::{FsyncPolicy, Wal, WalOptions};
@@ -30,13 +31,6 @@ use std::time::{Duration, Instant};
 
 const RECORD_SIZES: [usize; 3] = [128, 1024, 16 << 10];
 const BATCH_SIZES: [usize; 5] = [1, 8, 64, 256, 1024];
-/// The WAL hands its buffer to the OS in writes of at most this size
-/// (`WRITE_BUFFER_BYTES_MAX_DEFAULT`); the "raw 1 MiB" side does the same, to tell the
-/// cost of the WAL's code from the effect of write size on this disk.
-/// Record header plus entry prefix (index, term, kind) that the WAL adds to each entry.
-const FRAMING_BYTES: usize =
-    concord_storage::record::HEADER_BYTES + concord_storage::record::ENTRY_PREFIX_BYTES;
-const WRITE_CHUNK_BYTES: usize = concord_storage::wal::WRITE_BUFFER_BYTES_MAX_DEFAULT;
 
 struct Limits {
     /// `--no-fsync`: both sides skip fsync, to show the WAL's CPU cost alone.
@@ -75,14 +69,24 @@ impl Cell {
     }
 }
 
+/// Total size of the files in `dir`.
+fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut n = 0;
+    for e in fs::read_dir(dir)? {
+        n += e?.metadata()?.len();
+    }
+    Ok(n)
+}
+
 /// Runs one cell: raw batches and WAL batches alternate (in alternating order), so both
-/// see the same disk conditions on a shared, noisy machine.
+/// see the same disk conditions on a shared, noisy machine. Returns (raw, WAL, bytes the
+/// WAL's segment files grew by).
 fn cell(
     dir: &Path,
     size: usize,
     batch: usize,
     l: &Limits,
-) -> Result<(Cell, Cell, Cell), Box<dyn std::error::Error>> {
+) -> Result<(Cell, Cell, u64), Box<dyn std::error::Error>> {
     let raw_path = dir.join(format!("raw-{size}-{batch}"));
     let _ = fs::remove_file(&raw_path);
     let mut f = OpenOptions::new()
@@ -90,12 +94,6 @@ fn cell(
         .append(true)
         .open(&raw_path)?;
     let buf = vec![0xA5u8; size * batch];
-    let chunked_path = dir.join(format!("raw-chunked-{size}-{batch}"));
-    let _ = fs::remove_file(&chunked_path);
-    let mut fc = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&chunked_path)?;
 
     let wal_dir = dir.join(format!("wal-{size}-{batch}"));
     let _ = fs::remove_dir_all(&wal_dir);
@@ -110,6 +108,7 @@ fn cell(
             ..WalOptions::default()
         },
     )?;
+    let wal_bytes_at_start = dir_bytes(&wal_dir.join("wal"))?;
     let mut entries: Vec<Entry> = (0..batch)
         .map(|_| Entry {
             index: 0,
@@ -120,24 +119,12 @@ fn cell(
         .collect();
     let mut next = 1u64;
 
-    let (mut raw, mut chunked, mut wal) = (Cell::new(), Cell::new(), Cell::new());
+    let (mut raw, mut wal) = (Cell::new(), Cell::new());
     let start = Instant::now();
     let mut n = 0u64;
-    while start.elapsed() < l.cell
-        && n < l.batches
-        && raw.bytes + chunked.bytes + wal.bytes < l.bytes
-    {
-        for side in [n % 3, (n + 1) % 3, (n + 2) % 3] {
-            if side == 2 {
-                let t = Instant::now();
-                for c in buf.chunks(WRITE_CHUNK_BYTES) {
-                    fc.write_all(c)?;
-                }
-                if !l.no_fsync {
-                    fc.sync_data()?;
-                }
-                chunked.record(t.elapsed(), buf.len() as u64);
-            } else if side == 0 {
+    while start.elapsed() < l.cell && n < l.batches && raw.bytes + wal.bytes < l.bytes {
+        for side in [n % 2, (n + 1) % 2] {
+            if side == 0 {
                 let t = Instant::now();
                 f.write_all(&buf)?;
                 if !l.no_fsync {
@@ -159,12 +146,11 @@ fn cell(
         n += 1;
     }
     drop(f);
-    drop(fc);
     drop(w);
+    let wal_bytes = dir_bytes(&wal_dir.join("wal"))? - wal_bytes_at_start;
     fs::remove_file(&raw_path)?;
-    fs::remove_file(&chunked_path)?;
     fs::remove_dir_all(&wal_dir)?;
-    Ok((raw, chunked, wal))
+    Ok((raw, wal, wal_bytes))
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -177,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let Some(dir) = arg(&args, "--dir").map(PathBuf::from) else {
         eprintln!(
-            "usage: wal_bench --dir DIR [--cell-ms 2000] [--cell-batches 5000] [--cell-mib 512] [--no-fsync]"
+            "usage: wal_bench --dir DIR [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync] [--records 128,1024,16384] [--batches 1,8,64,256,1024]"
         );
         std::process::exit(2);
     };
@@ -188,15 +174,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let limits = Limits {
         no_fsync: args.iter().any(|a| a == "--no-fsync"),
-        cell: Duration::from_millis(num("--cell-ms", 2000)?),
-        batches: num("--cell-batches", 5000)?,
-        bytes: num("--cell-mib", 512)? << 20,
+        cell: Duration::from_millis(num("--cell-ms", 4000)?),
+        batches: num("--cell-batches", 20000)?,
+        bytes: num("--cell-mib", 2048)? << 20,
     };
     fs::create_dir_all(&dir)?;
-    println!(
-        "| record | batch | WAL MB/s | WAL p50 ms | WAL p99 ms | raw MB/s | raw p50 ms | raw p99 ms | raw 1 MiB writes MB/s | WAL % of best raw | WAL on-disk MB/s (with framing) |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let list = |name: &str, all: &[usize]| -> Result<Vec<usize>, String> {
         arg(&args, name).map_or(Ok(all.to_vec()), |v| {
             v.split(',')
@@ -206,25 +188,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let sizes = list("--records", &RECORD_SIZES)?;
     let batches = list("--batches", &BATCH_SIZES)?;
+    println!(
+        "| record | batch | WAL MB/s | WAL p50 ms | WAL p99 ms | raw MB/s | raw p50 ms | raw p99 ms | WAL % of raw | WAL on-disk MB/s |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &size in &sizes {
         for &batch in &batches {
-            let (r, c, w) = cell(&dir, size, batch, &limits)?;
+            let (r, w, wal_disk_bytes) = cell(&dir, size, batch, &limits)?;
             let size_label = if size >= 1024 {
                 format!("{} KiB", size / 1024)
             } else {
                 format!("{size} B")
             };
             println!(
-                "| {size_label} | {batch} | {:.1} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1} | {:.0}% | {:.1} |",
+                "| {size_label} | {batch} | {:.1} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.0}% | {:.1} |",
                 w.mb_s(),
                 w.p(0.5),
                 w.p(0.99),
                 r.mb_s(),
                 r.p(0.5),
                 r.p(0.99),
-                c.mb_s(),
-                100.0 * w.mb_s() / r.mb_s().max(c.mb_s()),
-                w.mb_s() * (size + FRAMING_BYTES) as f64 / size as f64
+                100.0 * w.mb_s() / r.mb_s(),
+                wal_disk_bytes as f64 / w.busy.as_secs_f64().max(1e-9) / 1e6
             );
         }
     }

@@ -413,3 +413,52 @@ fn a_newest_segment_without_its_start_record_is_dropped() {
         Err(StorageError::Corrupt { .. })
     ));
 }
+
+/// A plain append that does not fit in the active segment starts a new one before its
+/// first entry (so closing the old segment needs no fsync of its own right after a
+/// `sync`), and consecutive entries of one term share one `Entries` record.
+#[test]
+fn a_segment_rolls_before_an_append_that_does_not_fit() {
+    let d = TempDir::new("roll-before");
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    let big = |range: std::ops::RangeInclusive<u64>| -> Vec<Entry> {
+        range
+            .map(|index| Entry {
+                index,
+                term: 1,
+                kind: EntryKind::Normal,
+                data: vec![index as u8; 300],
+            })
+            .collect()
+    };
+    for first in (1..=50).step_by(10) {
+        wal.append(&big(first..=first + 9)).unwrap();
+        wal.sync().unwrap();
+    }
+    let segs = segments(&d.0);
+    assert_eq!(
+        segs.len(),
+        5,
+        "3 KiB per append, one append per 4 KiB segment"
+    );
+    for (k, seg) in segs.iter().enumerate() {
+        let name = seg.file_name().unwrap().to_string_lossy().into_owned();
+        let first_index: u64 = name[21..41].parse().unwrap();
+        assert_eq!(first_index, 1 + 10 * k as u64, "{name}");
+        // Segment start (the first one synced by itself at open, so with a marker), one
+        // entries record with all ten, sync marker.
+        let bytes = fs::read(seg).unwrap();
+        let kinds: Vec<record::Record> = record_offsets(seg)
+            .into_iter()
+            .map(|at| record::decode(&bytes[at..]).unwrap().0)
+            .collect();
+        assert_eq!(kinds.len(), if k == 0 { 4 } else { 3 }, "{name}: {kinds:?}");
+        assert!(
+            matches!(&kinds[kinds.len() - 2], record::Record::Entries(v) if v.len() == 10),
+            "{name}"
+        );
+    }
+    drop(wal);
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    assert_eq!(wal.recover().unwrap().entries, big(1..=50));
+}
