@@ -34,8 +34,10 @@ pub const ENTRY_DATA_MAX_BYTES: usize = RECORD_PAYLOAD_MAX_BYTES - ENTRY_PREFIX_
 /// Bytes of an entries payload before its first item: first index, term.
 pub const ENTRIES_PREFIX_BYTES: usize = 16;
 
-/// Bytes before each item's data in an entries payload: kind, data length.
-pub const ENTRIES_ITEM_PREFIX_BYTES: usize = 5;
+/// Longest item header in an entries payload: LEB128 of `data_len << 2 | kind`, whose
+/// value stays below 2^35 (5 groups of 7 bits). The writer's items take 2 bytes for data
+/// of 32 B to 4 KiB and 3 up to 512 KiB.
+pub const ENTRIES_ITEM_HEADER_BYTES_MAX: usize = 5;
 
 const TYPE_SEGMENT_START: u8 = 1;
 const TYPE_ENTRY: u8 = 2;
@@ -152,10 +154,51 @@ pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry) {
     finish(out, start, TYPE_ENTRY);
 }
 
-/// Encoded size of an `Entries` record holding entries with `data_bytes` bytes of data
-/// in total, `count` of them.
-pub fn entries_record_bytes(count: usize, data_bytes: usize) -> usize {
-    HEADER_BYTES + ENTRIES_PREFIX_BYTES + count * ENTRIES_ITEM_PREFIX_BYTES + data_bytes
+/// Encoded size of an `Entries` record without its items.
+pub const ENTRIES_RECORD_EMPTY_BYTES: usize = HEADER_BYTES + ENTRIES_PREFIX_BYTES;
+
+/// The item header's value: data length and kind in one number.
+fn item_header(e: &Entry) -> u64 {
+    ((e.data.len() as u64) << 2) | u64::from(kind_to_u8(e.kind))
+}
+
+/// Bytes of an LEB128 encoding of `v`: 7 bits per byte.
+fn varint_bytes(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Bytes one entry takes in an `Entries` record (item header and data).
+pub fn entries_item_bytes(e: &Entry) -> usize {
+    varint_bytes(item_header(e)) + e.data.len()
+}
+
+/// LEB128: the low 7 bits first, the high bit set on every byte but the last.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads the LEB128 value at the front of `b`, at most `ENTRIES_ITEM_HEADER_BYTES_MAX`
+/// bytes long and in its shortest form (so it re-encodes to the same bytes).
+fn get_varint(b: &[u8]) -> Result<(u64, usize), String> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().take(ENTRIES_ITEM_HEADER_BYTES_MAX).enumerate() {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            if byte == 0 && i > 0 {
+                return Err("item header not in its shortest form".into());
+            }
+            return Ok((v, i + 1));
+        }
+    }
+    Err(if b.len() < ENTRIES_ITEM_HEADER_BYTES_MAX {
+        "entries payload ends inside an item header".into()
+    } else {
+        format!("item header longer than {ENTRIES_ITEM_HEADER_BYTES_MAX} bytes")
+    })
 }
 
 /// Appends an `Entries` record holding `entries` to `out` (one copy of each entry's data,
@@ -164,16 +207,15 @@ pub fn entries_record_bytes(count: usize, data_bytes: usize) -> usize {
 /// `RECORD_PAYLOAD_MAX_BYTES`; a violation is a bug and panics.
 pub fn encode_entries(out: &mut Vec<u8>, entries: &[Entry]) {
     let first = entries.first().expect("an entries record is never empty");
-    let data: usize = entries.iter().map(|e| e.data.len()).sum();
-    assert!(entries_record_bytes(entries.len(), data) - HEADER_BYTES <= RECORD_PAYLOAD_MAX_BYTES);
+    let payload = ENTRIES_PREFIX_BYTES + entries.iter().map(entries_item_bytes).sum::<usize>();
+    assert!(payload <= RECORD_PAYLOAD_MAX_BYTES);
     let start = begin(out);
-    out.reserve(entries_record_bytes(entries.len(), data) - HEADER_BYTES);
+    out.reserve(payload);
     out.extend_from_slice(&first.index.to_le_bytes());
     out.extend_from_slice(&first.term.to_le_bytes());
     for (i, e) in entries.iter().enumerate() {
         assert!(e.term == first.term && Some(e.index) == first.index.checked_add(i as u64));
-        out.push(kind_to_u8(e.kind));
-        out.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
+        put_varint(out, item_header(e));
         out.extend_from_slice(&e.data);
     }
     finish(out, start, TYPE_ENTRIES);
@@ -372,11 +414,11 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
     Ok((record, total))
 }
 
-/// Parses an `Entries` payload: first index, term, then items (kind, length, data) up to
+/// Parses an `Entries` payload: first index, term, then items (header, data) up to
 /// exactly the end of the payload.
 fn decode_entries(p: &[u8]) -> Result<Vec<Entry>, DecodeError> {
     let bad = |m: String| Err(DecodeError::Malformed(m));
-    if p.len() < ENTRIES_PREFIX_BYTES + ENTRIES_ITEM_PREFIX_BYTES {
+    if p.len() <= ENTRIES_PREFIX_BYTES {
         return bad(format!(
             "entries payload is {} bytes, too short for even one entry",
             p.len()
@@ -390,20 +432,17 @@ fn decode_entries(p: &[u8]) -> Result<Vec<Entry>, DecodeError> {
         let Some(index) = first_index.checked_add(entries.len() as u64) else {
             return bad("entry index overflows".into());
         };
-        if p.len() - at < ENTRIES_ITEM_PREFIX_BYTES {
-            return bad(format!(
-                "entries payload ends inside the item header at {at}"
-            ));
-        }
-        let kind = kind_from_u8(p[at])
-            .ok_or_else(|| DecodeError::Malformed(format!("entry kind {}", p[at])))?;
-        let len = u32_at(p, at + 1) as usize;
-        at += ENTRIES_ITEM_PREFIX_BYTES;
-        if p.len() - at < len {
+        let (header, n) = get_varint(&p[at..]).map_err(DecodeError::Malformed)?;
+        at += n;
+        let kind = kind_from_u8((header & 3) as u8)
+            .ok_or_else(|| DecodeError::Malformed(format!("entry kind {}", header & 3)))?;
+        let len = header >> 2;
+        if ((p.len() - at) as u64) < len {
             return bad(format!(
                 "entry {index} of {len} bytes runs past the end of its record"
             ));
         }
+        let len = len as usize;
         entries.push(Entry {
             index,
             term,
@@ -536,8 +575,8 @@ mod tests {
             p
         };
         let item = |kind: u8, data: &[u8]| {
-            let mut v = vec![kind];
-            v.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            let mut v = Vec::new();
+            put_varint(&mut v, (data.len() as u64) << 2 | u64::from(kind));
             v.extend_from_slice(data);
             v
         };
@@ -546,7 +585,15 @@ mod tests {
             ("short prefix", prefix(5)[..10].to_vec()),
             (
                 "item header cut",
-                [prefix(5), item(0, b"ab"), vec![0, 1]].concat(),
+                [prefix(5), item(0, b"ab"), vec![0x81]].concat(),
+            ),
+            (
+                "overlong item header",
+                [prefix(5), vec![0x84, 0x00], b"a".to_vec()].concat(),
+            ),
+            (
+                "item header over 5 bytes",
+                [prefix(5), vec![0x80; 5], vec![0]].concat(),
             ),
             ("data past the end", {
                 let mut v = [prefix(5), item(0, b"abc")].concat();
@@ -577,6 +624,48 @@ mod tests {
         );
         let (r, _) = decode(&buf).unwrap();
         assert!(matches!(&r, Record::Entries(v) if v.len() == 1 && v[0].index == u64::MAX));
+    }
+
+    /// The example of docs/storage.md, byte by byte.
+    #[test]
+    fn entries_record_layout_matches_the_docs() {
+        let e = |index, kind, n| Entry {
+            index,
+            term: 9,
+            kind,
+            data: vec![0xEE; n],
+        };
+        let mut buf = Vec::new();
+        encode_entries(
+            &mut buf,
+            &[e(5, EntryKind::Normal, 3), e(6, EntryKind::ConfChange, 40)],
+        );
+        assert_eq!(buf.len(), 78);
+        assert_eq!(&buf[4..12], &[62, 0, 0, 0, 7, 0, 0, 0]);
+        assert_eq!(u64_at(&buf, 16), 5);
+        assert_eq!(u64_at(&buf, 24), 9);
+        assert_eq!(buf[32], 0x0c);
+        assert_eq!(&buf[36..38], &[0xa2, 0x01]);
+        assert_eq!(u32_at(&buf, 12), crc32c::crc32c(&buf[16..78]));
+    }
+
+    #[test]
+    fn item_headers_take_the_bytes_they_should() {
+        for (len, bytes) in [(0usize, 1usize), (31, 1), (32, 2), (4095, 2), (4096, 3)] {
+            let e = Entry {
+                index: 1,
+                term: 1,
+                kind: EntryKind::ConfChange,
+                data: vec![0; len],
+            };
+            assert_eq!(entries_item_bytes(&e), bytes + len, "len {len}");
+            let mut v = Vec::new();
+            put_varint(&mut v, item_header(&e));
+            assert_eq!(get_varint(&v), Ok((item_header(&e), bytes)));
+        }
+        let mut v = Vec::new();
+        put_varint(&mut v, (1 << 35) - 1);
+        assert_eq!(get_varint(&v), Ok(((1 << 35) - 1, 5)));
     }
 
     #[test]

@@ -958,14 +958,14 @@ impl<D: Disk> LogStore for Wal<D> {
                 } else {
                     self.opts.segment_bytes_max.saturating_sub(active.bytes)
                 };
-                let mut data = first.data.len();
+                let mut bytes =
+                    (record::ENTRIES_RECORD_EMPTY_BYTES + record::entries_item_bytes(first)) as u64;
                 while let Some(e) = entries.get(end) {
-                    let bytes =
-                        record::entries_record_bytes(end + 1 - i, data + e.data.len()) as u64;
-                    if e.term != first.term || bytes > group_bytes_max || bytes > room {
+                    let more = bytes + record::entries_item_bytes(e) as u64;
+                    if e.term != first.term || more > group_bytes_max || more > room {
                         break;
                     }
-                    data += e.data.len();
+                    bytes = more;
                     end += 1;
                 }
             }
