@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p concord-storage --example wal_bench -- --dir /tmp/walbench
 //!     [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync]
-//!     [--records 128,1024,16384] [--batches 1,8,64,256,1024]
+//!     [--records 128,1024,16384] [--batches 1,8,64,256,1024] [--rounds 1]
 //! ```
 //!
 //! For each record size (128 B, 1 KiB, 16 KiB) and batch size (1, 8, 64, 256, 1024):
@@ -12,7 +12,10 @@
 //! - wal: `append` of `batch` entries of `size` bytes of data, then `sync`.
 //!
 //! The two alternate batch by batch (raw first on even iterations, WAL first on odd ones)
-//! so that both meet the same disk weather on a shared machine. Both files start empty
+//! so that both meet the same disk weather on a shared machine. With `--rounds R` the
+//! whole table is run R times with 1/R of the limits each, and the rounds are added up
+//! (a burst of load elsewhere then spreads over all cells); the per-round ratios are
+//! shown too. Both files start empty
 //! and grow by appending: neither is preallocated.
 //!
 //! Throughput counts entry data bytes only (the WAL's framing is its overhead) over the
@@ -61,6 +64,11 @@ impl Cell {
         self.bytes += bytes;
         self.hist.saturating_record(t.as_micros() as u64);
     }
+    fn add(&mut self, other: &Cell) {
+        self.busy += other.busy;
+        self.bytes += other.bytes;
+        self.hist.add(&other.hist).expect("same histogram bounds");
+    }
     fn mb_s(&self) -> f64 {
         self.bytes as f64 / self.busy.as_secs_f64().max(1e-9) / 1e6
     }
@@ -108,7 +116,6 @@ fn cell(
             ..WalOptions::default()
         },
     )?;
-    let wal_bytes_at_start = dir_bytes(&wal_dir.join("wal"))?;
     let mut entries: Vec<Entry> = (0..batch)
         .map(|_| Entry {
             index: 0,
@@ -118,6 +125,19 @@ fn cell(
         })
         .collect();
     let mut next = 1u64;
+
+    // One untimed batch per side first: the WAL's buffer grows to the batch size once
+    // (a node keeps it for its lifetime), and both files get their first blocks.
+    f.write_all(&buf)?;
+    f.sync_data()?;
+    for e in entries.iter_mut() {
+        e.index = next;
+        next += 1;
+    }
+    w.append(&entries)?;
+    w.sync()?;
+    let raw_bytes_at_start = buf.len() as u64;
+    let wal_bytes_at_start = dir_bytes(&wal_dir.join("wal"))?;
 
     let (mut raw, mut wal) = (Cell::new(), Cell::new());
     let start = Instant::now();
@@ -145,6 +165,10 @@ fn cell(
         }
         n += 1;
     }
+    debug_assert_eq!(
+        fs::metadata(&raw_path)?.len(),
+        raw_bytes_at_start + raw.bytes
+    );
     drop(f);
     drop(w);
     let wal_bytes = dir_bytes(&wal_dir.join("wal"))? - wal_bytes_at_start;
@@ -163,7 +187,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let Some(dir) = arg(&args, "--dir").map(PathBuf::from) else {
         eprintln!(
-            "usage: wal_bench --dir DIR [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync] [--records 128,1024,16384] [--batches 1,8,64,256,1024]"
+            "usage: wal_bench --dir DIR [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync] [--records 128,1024,16384] [--batches 1,8,64,256,1024] [--rounds 1]"
         );
         std::process::exit(2);
     };
@@ -188,30 +212,53 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let sizes = list("--records", &RECORD_SIZES)?;
     let batches = list("--batches", &BATCH_SIZES)?;
-    println!(
-        "| record | batch | WAL MB/s | WAL p50 ms | WAL p99 ms | raw MB/s | raw p50 ms | raw p99 ms | WAL % of raw | WAL on-disk MB/s |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let rounds = num("--rounds", 1)?.max(1);
+    let per_round = Limits {
+        no_fsync: limits.no_fsync,
+        cell: limits.cell / rounds as u32,
+        batches: limits.batches.div_ceil(rounds),
+        bytes: limits.bytes.div_ceil(rounds),
+    };
+    // Per cell: raw, WAL, WAL on-disk bytes, and the WAL/raw ratio of each round.
+    let mut cells: Vec<(usize, usize, Cell, Cell, u64, Vec<f64>)> = Vec::new();
     for &size in &sizes {
         for &batch in &batches {
-            let (r, w, wal_disk_bytes) = cell(&dir, size, batch, &limits)?;
-            let size_label = if size >= 1024 {
-                format!("{} KiB", size / 1024)
-            } else {
-                format!("{size} B")
-            };
-            println!(
-                "| {size_label} | {batch} | {:.1} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.0}% | {:.1} |",
-                w.mb_s(),
-                w.p(0.5),
-                w.p(0.99),
-                r.mb_s(),
-                r.p(0.5),
-                r.p(0.99),
-                100.0 * w.mb_s() / r.mb_s(),
-                wal_disk_bytes as f64 / w.busy.as_secs_f64().max(1e-9) / 1e6
-            );
+            cells.push((size, batch, Cell::new(), Cell::new(), 0, Vec::new()));
         }
+    }
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        for (size, batch, raw, wal, disk, ratios) in cells.iter_mut() {
+            let (r, w, d) = cell(&dir, *size, *batch, &per_round)?;
+            ratios.push(100.0 * w.mb_s() / r.mb_s());
+            raw.add(&r);
+            wal.add(&w);
+            *disk += d;
+        }
+    }
+    println!(
+        "| record | batch | WAL MB/s | WAL p50 ms | WAL p99 ms | raw MB/s | raw p50 ms | raw p99 ms | WAL % of raw | per round min–max | WAL on-disk MB/s |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (size, batch, r, w, wal_disk_bytes, ratios) in &cells {
+        let size_label = if *size >= 1024 {
+            format!("{} KiB", size / 1024)
+        } else {
+            format!("{size} B")
+        };
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(0.0, f64::max);
+        println!(
+            "| {size_label} | {batch} | {:.1} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.0}% | {lo:.0}–{hi:.0}% | {:.1} |",
+            w.mb_s(),
+            w.p(0.5),
+            w.p(0.99),
+            r.mb_s(),
+            r.p(0.5),
+            r.p(0.99),
+            100.0 * w.mb_s() / r.mb_s(),
+            *wal_disk_bytes as f64 / w.busy.as_secs_f64().max(1e-9) / 1e6
+        );
     }
     Ok(())
 }
