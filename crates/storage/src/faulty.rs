@@ -173,6 +173,12 @@ impl FaultyStore {
         &self.wal
     }
 
+    /// Test switch, see `Wal::set_zero_copy_min_for_tests`.
+    #[doc(hidden)]
+    pub fn set_zero_copy_min_for_tests(&mut self, bytes: usize) {
+        self.wal.set_zero_copy_min_for_tests(bytes);
+    }
+
     /// Test switch, see `Wal::set_batching_for_tests`.
     #[doc(hidden)]
     pub fn set_batching_for_tests(&mut self, on: bool) {

@@ -51,6 +51,12 @@ pub const WRITE_BUFFER_BYTES_MAX_DEFAULT: usize = 32 << 20;
 /// Encoded size of a `SyncMark` record.
 const SYNC_MARK_BYTES: u64 = HEADER_BYTES as u64 + 8;
 
+/// Entry data of at least this size is not copied into the write buffer: the batch goes
+/// to the OS in one `writev` straight from the caller's entries (at the end of `append`,
+/// since they are only borrowed), saving a copy that costs about as much as the
+/// kernel's own. Smaller data is copied: a buffer per entry would cost more than that.
+pub const ZERO_COPY_MIN_BYTES: usize = 4096;
+
 /// Largest `Entries` record the WAL writes (a single entry may be larger, in an `Entry`
 /// record): bounds the buffer and what replay decodes at once.
 pub const ENTRIES_RECORD_BYTES_MAX: usize = 1 << 20;
@@ -187,6 +193,8 @@ pub struct Wal<D: Disk = StdDisk> {
     /// Truncating appends are framed as batches. Only tests turn this off, to show that
     /// the model test catches a torn overwrite.
     batching: bool,
+    /// `ZERO_COPY_MIN_BYTES`, but tests vary it to cover both paths with small entries.
+    zero_copy_min: usize,
 }
 
 impl<D: Disk> std::fmt::Debug for Wal<D> {
@@ -241,6 +249,7 @@ impl<D: Disk> Wal<D> {
             recovered: None,
             failed: None,
             batching: true,
+            zero_copy_min: ZERO_COPY_MIN_BYTES,
         };
         let r = wal.load()?;
         wal.recovered = Some(r);
@@ -284,6 +293,13 @@ impl<D: Disk> Wal<D> {
         self.batching = on;
     }
 
+    /// Test switch: entry data of at least `bytes` is written without a copy (see
+    /// `ZERO_COPY_MIN_BYTES`).
+    #[doc(hidden)]
+    pub fn set_zero_copy_min_for_tests(&mut self, bytes: usize) {
+        self.zero_copy_min = bytes;
+    }
+
     /// Number of segment files (for tests and metrics).
     pub fn segment_count(&self) -> usize {
         self.segments.len()
@@ -322,14 +338,34 @@ impl<D: Disk> Wal<D> {
 
     /// Hands buffered records to the OS.
     fn flush(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
+        self.flush_with(&mut Vec::new())
+    }
+
+    /// Hands buffered records to the OS, with the entry data `append` left out of the
+    /// buffer put back in place, in one `writev`; `borrowed` is emptied.
+    fn flush_with(&mut self, borrowed: &mut Vec<record::Borrowed<'_>>) -> Result<()> {
+        if self.pending.is_empty() && borrowed.is_empty() {
             return Ok(());
         }
         let path = self.segments.last().expect("active segment").path.clone();
-        if let Err(e) = self.disk.append(&path, &self.pending) {
+        let r = if borrowed.is_empty() {
+            self.disk.append(&path, &self.pending)
+        } else {
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * borrowed.len() + 1);
+            let mut from = 0;
+            for &(at, data) in borrowed.iter() {
+                parts.push(&self.pending[from..at]);
+                parts.push(data);
+                from = at;
+            }
+            parts.push(&self.pending[from..]);
+            self.disk.append_parts(&path, &parts)
+        };
+        if let Err(e) = r {
             return Err(self.fail(io_err(&path, e)));
         }
         self.pending.clear();
+        borrowed.clear();
         self.file_dirty = true;
         Ok(())
     }
@@ -939,6 +975,9 @@ impl<D: Disk> LogStore for Wal<D> {
         // each instead of 33, one checksum), up to a bounded size and never past the
         // segment's limit; a lone entry is an `Entry` record (smaller for one).
         let group_bytes_max = ENTRIES_RECORD_BYTES_MAX.min(self.opts.write_buffer_bytes_max) as u64;
+        // Data left out of `pending` (large entries), written before `append` returns.
+        let mut borrowed: Vec<record::Borrowed<'_>> = Vec::new();
+        let mut borrowed_bytes = 0usize;
         let mut i = 0;
         while i < entries.len() {
             let first = &entries[i];
@@ -947,6 +986,8 @@ impl<D: Disk> LogStore for Wal<D> {
                 && active.has_entries
                 && active.bytes + entry_bytes(first) > self.opts.segment_bytes_max
             {
+                self.flush_with(&mut borrowed)?;
+                borrowed_bytes = 0;
                 self.roll(None)?;
             }
             let mut end = i + 1;
@@ -975,13 +1016,19 @@ impl<D: Disk> LogStore for Wal<D> {
                 self.truncate_terms(first.index - 1);
             }
             self.unmarked = true;
-            let before = self.pending.len();
+            let before = self.pending.len() + borrowed_bytes;
+            let pieces_before = borrowed.len();
+            let zc = self.zero_copy_min;
             if let [e] = group {
-                record::encode_entry(&mut self.pending, e);
+                record::encode_entry_borrowing(&mut self.pending, e, zc, &mut borrowed);
             } else {
-                record::encode_entries(&mut self.pending, group);
+                record::encode_entries_borrowing(&mut self.pending, group, zc, &mut borrowed);
             }
-            let n = (self.pending.len() - before) as u64;
+            borrowed_bytes += borrowed[pieces_before..]
+                .iter()
+                .map(|(_, d)| d.len())
+                .sum::<usize>();
+            let n = (self.pending.len() + borrowed_bytes - before) as u64;
             let active = self.active();
             active.bytes += n;
             active.max_index = active.max_index.max(last.index);
@@ -990,10 +1037,16 @@ impl<D: Disk> LogStore for Wal<D> {
                 self.terms.push((first.index, first.term));
             }
             self.last = last.index;
-            if self.pending.len() >= self.opts.write_buffer_bytes_max {
-                self.flush()?;
+            if self.pending.len() + borrowed_bytes >= self.opts.write_buffer_bytes_max {
+                self.flush_with(&mut borrowed)?;
+                borrowed_bytes = 0;
             }
             i = end;
+        }
+        // The borrowed data must reach the OS before the borrow ends; otherwise all stays
+        // buffered for the one `write` of `sync`.
+        if !borrowed.is_empty() {
+            self.flush_with(&mut borrowed)?;
         }
         Ok(())
     }
