@@ -48,7 +48,7 @@ struct DevArgs {
     #[arg(long, default_value_t = 2379)]
     base_port: u16,
     /// Take a snapshot every this many applied entries.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 100_000)]
     snapshot_every: u64,
 }
 
@@ -284,16 +284,19 @@ async fn dev(a: DevArgs) -> Result<(), String> {
 }
 
 fn start_config(a: StartArgs) -> Result<NodeConfig, String> {
+    let peers = match &a.peers {
+        Some(p) => Some(parse_peers(p).map_err(|e| flag_error(&e))?),
+        None => None,
+    };
     let base = match &a.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("--config {}: {e}", path.display()))?;
-            Some(NodeConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+            Some(
+                NodeConfig::from_toml_with(&text, a.id, peers.clone())
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            )
         }
-        None => None,
-    };
-    let peers = match &a.peers {
-        Some(p) => Some(parse_peers(p).map_err(|e| flag_error(&e))?),
         None => None,
     };
     let mut c = match (base, a.id, peers.clone()) {

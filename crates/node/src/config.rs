@@ -81,7 +81,12 @@ pub struct NodeConfig {
     /// Peers refuse connections from another cluster; derived from `peers` when not set.
     pub cluster_id: u64,
     pub tick_ms: u64,
+    /// Leader heartbeat interval in ticks (default 1: every 10 ms; ReadIndex rounds of the
+    /// Multi-Paxos engine ride on heartbeats, so they stay frequent).
     pub heartbeat_ticks: u32,
+    /// Election timeout in ticks (default 100: 1 s, etcd's default). At 100 ms a single
+    /// slow fsync (hundreds of ms on a busy disk) let followers depose a healthy leader,
+    /// and every leader change fails the proposals in flight.
     pub election_ticks: u32,
     /// Take a state-machine snapshot and compact the log every this many applied entries.
     pub snapshot_every_entries: u64,
@@ -153,8 +158,8 @@ impl NodeConfig {
             cluster_id,
             tick_ms: 10,
             heartbeat_ticks: 1,
-            election_ticks: 10,
-            snapshot_every_entries: 10_000,
+            election_ticks: 100,
+            snapshot_every_entries: 100_000,
             limits: Limits::default(),
             in_memory: false,
         }
@@ -265,6 +270,16 @@ impl NodeConfig {
 
     /// Parses a TOML file (see docs/node.md for the keys).
     pub fn from_toml(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::from_toml_with(text, None, None)
+    }
+
+    /// Like [`NodeConfig::from_toml`], with `id` and `peers` given on the command line
+    /// taking the place of (or overriding) the file's.
+    pub fn from_toml_with(
+        text: &str,
+        id: Option<NodeId>,
+        peers: Option<BTreeMap<NodeId, SocketAddr>>,
+    ) -> Result<NodeConfig, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let field = e
                 .message()
@@ -274,12 +289,13 @@ impl NodeConfig {
                 .to_string();
             ConfigError::new(field, e.message().to_string())
         })?;
-        let id = raw
-            .id
+        let id = id
+            .or(raw.id)
             .ok_or_else(|| ConfigError::new("id", "is required"))?;
-        let peers = match raw.peers {
-            Some(p) => parse_peers(&p)?,
-            None => return Err(ConfigError::new("peers", "is required")),
+        let peers = match (peers, raw.peers) {
+            (Some(p), _) => p,
+            (None, Some(p)) => parse_peers(&p)?,
+            (None, None) => return Err(ConfigError::new("peers", "is required")),
         };
         let mut c = NodeConfig::new(id, peers);
         if let Some(n) = raw.name {
@@ -452,6 +468,19 @@ mod tests {
         assert!(e.reason.contains("bogus"), "{e}");
         let e = NodeConfig::from_toml("name = \"x\"").unwrap_err();
         assert_eq!(e.field, "id");
+    }
+
+    #[test]
+    fn flags_fill_in_what_the_file_leaves_out() {
+        let c =
+            NodeConfig::from_toml_with("election-ticks = 50\n", Some(3), Some(peers3())).unwrap();
+        assert_eq!((c.id, c.election_ticks), (3, 50));
+        assert_eq!(c.peers, peers3());
+        let e = NodeConfig::from_toml_with("election-ticks = 50\n", Some(3), None).unwrap_err();
+        assert_eq!(e.field, "peers");
+        // The flag wins over the file.
+        let c = NodeConfig::from_toml_with("id = 1\n", Some(2), Some(peers3())).unwrap();
+        assert_eq!(c.id, 2);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use concord_consensus::{
     ConfChange, ConfState, Config as ReplicaConfig, EntryKind, GroupId, NodeId, ProposeError,
     Ready, Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
 };
-use concord_storage::LogStore;
+use concord_storage::{LogStore, SnapshotWriter, WrittenSnapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -353,6 +353,13 @@ where
         metrics: metrics.clone(),
         max_request_bytes: config.limits.max_request_bytes,
     };
+    let (snap_writer, snap_done) = match store.snapshot_writer() {
+        Some(w) => {
+            let (tx, done) = spawn_snapshot_writer(w, group, config.id)?;
+            (Some(tx), Some(done))
+        }
+        None => (None, None),
+    };
     let driver = Driver {
         id: config.id,
         group,
@@ -376,6 +383,9 @@ where
         applied,
         applied_term,
         snapshot_index,
+        snap_writer,
+        snapshot_in_flight: None,
+        next_snapshot_at: snapshot_index + config.snapshot_every_entries,
         status,
         members,
         metrics,
@@ -390,10 +400,51 @@ where
                 .enable_time()
                 .build()
                 .expect("a current-thread runtime");
-            rt.block_on(driver.run(in_rx, req_rx, shutdown));
+            rt.block_on(driver.run(in_rx, req_rx, snap_done, shutdown));
         })
         .map_err(|e| format!("group {group}: spawning its thread: {e}"))?;
     Ok((handle, thread))
+}
+
+/// A snapshot written off-thread (or the error that stopped it), with the snapshot itself.
+type SnapshotDone = (concord_storage::Result<WrittenSnapshot>, Snapshot);
+
+/// Starts the thread that writes this group's own snapshots to files. It takes one
+/// snapshot at a time (the group takes no new one while one is in flight) and ends when
+/// the group drops its sender.
+fn spawn_snapshot_writer(
+    writer: SnapshotWriter,
+    group: GroupId,
+    id: NodeId,
+) -> Result<
+    (
+        std::sync::mpsc::SyncSender<Snapshot>,
+        mpsc::Receiver<SnapshotDone>,
+    ),
+    String,
+> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(1);
+    let (done_tx, done_rx) = mpsc::channel::<SnapshotDone>(1);
+    std::thread::Builder::new()
+        .name(format!("snap-{group}-n{id}"))
+        .spawn(move || {
+            while let Ok(snap) = rx.recv() {
+                let r = writer.write(&snap);
+                if done_tx.blocking_send((r, snap)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| format!("group {group}: spawning its snapshot writer: {e}"))?;
+    Ok((tx, done_rx))
+}
+
+/// Receives from an optional channel; never resolves without one.
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn now_nanos() -> u64 {
@@ -470,6 +521,12 @@ struct Driver<R: Replica, SM: StateMachine> {
     applied: u64,
     applied_term: u64,
     snapshot_index: u64,
+    /// Where this group's own snapshots go to be written off-thread (file stores only).
+    snap_writer: Option<std::sync::mpsc::SyncSender<Snapshot>>,
+    /// Index of the snapshot being written off-thread, if one is.
+    snapshot_in_flight: Option<u64>,
+    /// Applied index at which the next own snapshot is taken.
+    next_snapshot_at: u64,
     status: Arc<Mutex<GroupStatus>>,
     members: Arc<Mutex<BTreeMap<NodeId, MemberInfo>>>,
     metrics: Arc<GroupMetrics>,
@@ -488,6 +545,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         mut self,
         mut inbound: mpsc::Receiver<Frame>,
         mut requests: mpsc::Receiver<Request<SM::Response>>,
+        mut snap_done: Option<mpsc::Receiver<SnapshotDone>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut ticker = tokio::time::interval(self.tick);
@@ -503,6 +561,14 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                     Some(r) => self.on_request(r),
                     None => break,
                 },
+                Some(d) = recv_opt(&mut snap_done) => {
+                    if let Err(e) = self.on_snapshot_written(d) {
+                        tracing::error!(node = self.id, group = self.group, "stopping: {e}");
+                        self.fail_all(NodeError::Stopped);
+                        self.publish_status(true);
+                        return;
+                    }
+                }
                 _ = shutdown.changed() => break,
             }
             // Drain what is already queued so one Ready (one fsync) covers all of it.
@@ -926,6 +992,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
             self.applied = snap.meta.index;
             self.applied_term = snap.meta.term;
             self.snapshot_index = snap.meta.index;
+            self.next_snapshot_at = snap.meta.index + self.snapshot_every;
         }
         if !rd.entries.is_empty() {
             self.store
@@ -1062,13 +1129,19 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         *self.members.lock().expect("members") = members;
     }
 
+    /// Takes a snapshot of the state machine every `snapshot_every` applied entries. With a
+    /// file store the snapshot is only serialized here and written by the snapshot thread
+    /// (see [`Driver::on_snapshot_written`]), so a large state does not stall this loop's
+    /// heartbeats and fsyncs while it goes to disk.
     fn maybe_snapshot(&mut self) -> Result<(), String> {
-        if self.applied < self.snapshot_index + self.snapshot_every {
+        if self.applied < self.next_snapshot_at || self.snapshot_in_flight.is_some() {
             return Ok(());
         }
+        self.next_snapshot_at = self.applied + self.snapshot_every;
         let t = Instant::now();
         let sm_data = self.sm.lock().expect("sm lock").snapshot();
         let data = wrap_snapshot(&self.members.lock().expect("members"), &sm_data);
+        drop(sm_data);
         let snap = Snapshot {
             meta: SnapshotMeta {
                 index: self.applied,
@@ -1077,20 +1150,77 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
             },
             data,
         };
+        if let Some(tx) = &self.snap_writer {
+            let index = snap.meta.index;
+            match tx.try_send(snap) {
+                Ok(()) => {
+                    self.snapshot_in_flight = Some(index);
+                    tracing::debug!(
+                        node = self.id,
+                        group = self.group,
+                        index,
+                        "snapshot serialized in {:?}; writing it off-thread",
+                        t.elapsed()
+                    );
+                }
+                Err(_) => tracing::warn!(
+                    node = self.id,
+                    group = self.group,
+                    index,
+                    "snapshot writer busy or gone; skipping this snapshot"
+                ),
+            }
+            return Ok(());
+        }
         self.store
             .install_snapshot(&snap)
             .map_err(|e| format!("saving snapshot at {}: {e}", self.applied))?;
-        self.replica.compact(self.applied, snap.data);
-        self.snapshot_index = self.applied;
+        self.snapshot_taken(snap, t);
+        Ok(())
+    }
+
+    /// The snapshot thread finished. A failed write leaves the log untouched (the next
+    /// snapshot is tried `snapshot_every` entries later); a failed adoption is a storage
+    /// failure like any other and stops the group.
+    fn on_snapshot_written(&mut self, (written, snap): SnapshotDone) -> Result<(), String> {
+        self.snapshot_in_flight = None;
+        let t = Instant::now();
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(
+                    node = self.id,
+                    group = self.group,
+                    index = snap.meta.index,
+                    "writing snapshot failed, the log is kept whole: {e}"
+                );
+                return Ok(());
+            }
+        };
+        if !self
+            .store
+            .adopt_snapshot(written)
+            .map_err(|e| format!("adopting snapshot at {}: {e}", snap.meta.index))?
+        {
+            return Ok(()); // A newer snapshot (from the leader) was installed meanwhile.
+        }
+        self.snapshot_taken(snap, t);
+        Ok(())
+    }
+
+    /// The stored log now starts after `snap`: let the replica compact too.
+    fn snapshot_taken(&mut self, snap: Snapshot, t: Instant) {
+        let index = snap.meta.index;
+        self.replica.compact(index, snap.data);
+        self.snapshot_index = self.snapshot_index.max(index);
         self.metrics.snapshots_total.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             node = self.id,
             group = self.group,
-            index = self.applied,
-            "snapshot taken in {:?}",
+            index,
+            "snapshot taken (log compacted in {:?})",
             t.elapsed()
         );
-        Ok(())
     }
 
     fn fail_all(&mut self, err: NodeError) {

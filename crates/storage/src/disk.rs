@@ -30,6 +30,12 @@ pub trait Disk {
     fn remove(&mut self, path: &Path) -> io::Result<()>;
     /// Makes the directory's names durable (creations, renames, removals).
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
+    /// Whether this is the real file system, which another thread can reach through a
+    /// `StdDisk` of its own (what a [`crate::SnapshotWriter`] needs). Simulated disks
+    /// live inside their owner and answer false.
+    fn is_real(&self) -> bool {
+        false
+    }
 }
 
 /// Open handles kept by [`StdDisk`]; beyond this all are closed (the WAL writes to one
@@ -63,6 +69,10 @@ impl StdDisk {
 }
 
 impl Disk for StdDisk {
+    fn is_real(&self) -> bool {
+        true
+    }
+
     fn create_dir_all(&mut self, dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(dir)
     }

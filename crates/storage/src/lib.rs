@@ -13,6 +13,7 @@
 //! `set_hard_state`, then `sync`; only after `sync` returns may the Ready's messages go out.
 
 use concord_consensus::{Entry, HardState, Recovered, Snapshot};
+pub use snapshot::{SnapshotWriter, WrittenSnapshot};
 use std::fmt;
 
 /// A storage failure. Corruption names the file and byte offset and what to do.
@@ -66,6 +67,23 @@ pub trait LogStore {
     /// Stores a snapshot and drops every entry it covers (and, if the log does not
     /// continue from it with a matching term, the whole log). Durable on return.
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<()>;
+
+    /// A handle that writes snapshot files on another thread, for stores that can (the
+    /// file-based WAL); `None` means: use [`LogStore::install_snapshot`].
+    fn snapshot_writer(&self) -> Option<SnapshotWriter> {
+        None
+    }
+
+    /// Makes a snapshot file written by [`LogStore::snapshot_writer`] the stored snapshot
+    /// and drops the entries it covers, like `install_snapshot` without writing the file.
+    /// Durable on return. Returns false (and changes nothing) when a snapshot at or past
+    /// its index is already stored, e.g. one installed from the leader meanwhile.
+    fn adopt_snapshot(&mut self, written: WrittenSnapshot) -> Result<bool> {
+        Err(StorageError::Invalid(format!(
+            "this store cannot adopt snapshot {} written elsewhere",
+            written.meta().index
+        )))
+    }
 
     /// Drops entries up to and including `index` (covered by a snapshot already stored).
     fn compact(&mut self, index: u64) -> Result<()>;

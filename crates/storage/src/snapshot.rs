@@ -30,6 +30,48 @@ pub const CONF_NODES_MAX: usize = 4096;
 pub const SNAPSHOTS_KEPT_DEFAULT: usize = 2;
 
 const FIXED_HEADER_BYTES: usize = 16;
+/// Temporary-file extension of snapshots saved by the log's owner.
+const TMP_EXT: &str = "snap.tmp";
+/// Temporary-file extension of snapshots written by a [`SnapshotWriter`] on another thread.
+const WRITER_TMP_EXT: &str = "snap.bg.tmp";
+
+/// A snapshot file written durably by a [`SnapshotWriter`] and not yet part of the log:
+/// hand it to [`crate::LogStore::adopt_snapshot`]. Only a writer can make one.
+#[derive(Debug)]
+pub struct WrittenSnapshot {
+    meta: SnapshotMeta,
+}
+
+impl WrittenSnapshot {
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.meta
+    }
+}
+
+/// Writes snapshot files away from the thread that owns the log, so that writing and
+/// fsyncing a large snapshot does not stall appends, heartbeats and reads. The log is not
+/// touched until the owner adopts the result. If the process dies in between, recovery
+/// finds a snapshot newer than the log knows and finishes the job, as for a crash inside
+/// `install_snapshot`.
+#[derive(Clone, Debug)]
+pub struct SnapshotWriter {
+    store: SnapshotStore,
+}
+
+impl SnapshotWriter {
+    pub(crate) fn new(store: SnapshotStore) -> SnapshotWriter {
+        SnapshotWriter { store }
+    }
+
+    /// Writes `snap` durably as a file. Blocking: call it on a thread of its own.
+    pub fn write(&self, snap: &Snapshot) -> Result<WrittenSnapshot> {
+        let mut disk = crate::disk::StdDisk::new();
+        self.store.write_file(&mut disk, snap, WRITER_TMP_EXT)?;
+        Ok(WrittenSnapshot {
+            meta: snap.meta.clone(),
+        })
+    }
+}
 
 pub fn encode_snapshot(snap: &Snapshot) -> Vec<u8> {
     let mut meta = Vec::new();
@@ -229,8 +271,16 @@ impl SnapshotStore {
 
     /// Writes the snapshot durably, then drops all but the newest `keep`.
     pub fn save<D: Disk>(&self, disk: &mut D, snap: &Snapshot) -> Result<()> {
+        self.write_file(disk, snap, TMP_EXT)?;
+        self.prune(disk)
+    }
+
+    /// Writes one snapshot file durably (temporary file `<name>.<tmp_ext>`, fsync, rename,
+    /// directory fsync) and leaves older files alone. Writers on different threads use
+    /// different `tmp_ext`s so they never share a temporary file.
+    pub fn write_file<D: Disk>(&self, disk: &mut D, snap: &Snapshot, tmp_ext: &str) -> Result<()> {
         let path = self.path(snap.meta.index, snap.meta.term);
-        let tmp = path.with_extension("snap.tmp");
+        let tmp = path.with_extension(tmp_ext);
         let bytes = encode_snapshot(snap);
         // A leftover temp file of the same name would be appended to: clear it first.
         if disk.read(&tmp).is_ok() {
@@ -239,7 +289,11 @@ impl SnapshotStore {
         disk.append(&tmp, &bytes).map_err(|e| io_err(&tmp, e))?;
         disk.sync_file(&tmp).map_err(|e| io_err(&tmp, e))?;
         disk.rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
-        disk.sync_dir(&self.dir).map_err(|e| io_err(&self.dir, e))?;
+        disk.sync_dir(&self.dir).map_err(|e| io_err(&self.dir, e))
+    }
+
+    /// Drops all but the newest `keep` snapshot files.
+    pub fn prune<D: Disk>(&self, disk: &mut D) -> Result<()> {
         let all = self.list(disk)?;
         if all.len() > self.keep {
             for &(i, t) in &all[..all.len() - self.keep] {

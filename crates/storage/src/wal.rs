@@ -1062,6 +1062,24 @@ impl<D: Disk> LogStore for Wal<D> {
         self.put(&Record::HardState(hs))
     }
 
+    fn snapshot_writer(&self) -> Option<crate::SnapshotWriter> {
+        self.disk
+            .is_real()
+            .then(|| crate::SnapshotWriter::new(self.snaps.clone()))
+    }
+
+    fn adopt_snapshot(&mut self, written: crate::WrittenSnapshot) -> Result<bool> {
+        self.check_ok()?;
+        let meta = written.meta();
+        if meta.index <= self.snapshot_index {
+            return Ok(false);
+        }
+        self.recovered = None;
+        self.snaps.prune(&mut self.disk)?;
+        self.apply_snapshot_to_log(meta.index, meta.term)?;
+        Ok(true)
+    }
+
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<()> {
         self.check_ok()?;
         check_snapshot(snap, self.snapshot_index)?;

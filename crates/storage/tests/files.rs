@@ -305,6 +305,54 @@ fn snapshot_deletes_covered_segments_and_survives_reopen() {
 }
 
 #[test]
+fn snapshot_written_on_another_thread_is_adopted_and_survives_reopen() {
+    let d = TempDir::new("snap-writer");
+    write_log(&d.0, 300, 4096);
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    let writer = wal.snapshot_writer().expect("the file WAL has a writer");
+    let s = snap(250, 1);
+    let written = std::thread::spawn(move || writer.write(&s).unwrap())
+        .join()
+        .unwrap();
+    // Written but not adopted: the log is untouched.
+    assert_eq!((wal.first_index(), wal.last_index()), (1, 300));
+    assert!(wal.adopt_snapshot(written).unwrap());
+    assert_eq!((wal.first_index(), wal.last_index()), (251, 300));
+    // A snapshot older than the stored one is not adopted and changes nothing.
+    let old = wal.snapshot_writer().unwrap().write(&snap(200, 1)).unwrap();
+    assert!(!wal.adopt_snapshot(old).unwrap());
+    assert_eq!((wal.first_index(), wal.last_index()), (251, 300));
+    drop(wal);
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    let r = wal.recover().unwrap();
+    assert_eq!(r.applied, 250);
+    assert_eq!(r.snapshot.unwrap(), snap(250, 1));
+    assert_eq!(r.entries.first().unwrap().index, 251);
+    assert_eq!(r.entries.last().unwrap().index, 300);
+}
+
+#[test]
+fn a_crash_between_writing_and_adopting_recovers_the_snapshot() {
+    let d = TempDir::new("snap-writer-crash");
+    write_log(&d.0, 300, 4096);
+    let wal = Wal::open(&d.0, opts(4096)).unwrap();
+    wal.snapshot_writer().unwrap().write(&snap(250, 1)).unwrap();
+    drop(wal); // "crash": never adopted
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    let r = wal.recover().unwrap();
+    assert_eq!(r.applied, 250);
+    assert_eq!(r.snapshot.unwrap(), snap(250, 1));
+    assert_eq!(r.entries.first().unwrap().index, 251);
+    assert_eq!(r.entries.last().unwrap().index, 300);
+}
+
+#[test]
+fn stores_without_files_cannot_adopt() {
+    let mem = concord_storage::mem::MemStore::new();
+    assert!(mem.snapshot_writer().is_none());
+}
+
+#[test]
 fn corrupt_snapshot_is_a_clear_error() {
     let d = TempDir::new("snap-corrupt");
     write_log(&d.0, 30, 64 << 20);
