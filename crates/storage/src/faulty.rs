@@ -179,6 +179,12 @@ impl FaultyStore {
         self.wal.set_zero_copy_min_for_tests(bytes);
     }
 
+    /// Test switch, see `Wal::set_sync_pad_min_for_tests`.
+    #[doc(hidden)]
+    pub fn set_sync_pad_min_for_tests(&mut self, bytes: u64) {
+        self.wal.set_sync_pad_min_for_tests(bytes);
+    }
+
     /// Test switch, see `Wal::set_batching_for_tests`.
     #[doc(hidden)]
     pub fn set_batching_for_tests(&mut self, on: bool) {

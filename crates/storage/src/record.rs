@@ -31,6 +31,9 @@ pub const ENTRY_PREFIX_BYTES: usize = 17;
 /// Largest `Entry::data` that fits in one record.
 pub const ENTRY_DATA_MAX_BYTES: usize = RECORD_PAYLOAD_MAX_BYTES - ENTRY_PREFIX_BYTES;
 
+/// Largest padding of a sync marker: enough to reach any 4 KiB page boundary.
+pub const SYNC_MARK_PADDING_MAX: u16 = 4095;
+
 /// Bytes of an entries payload before its first item: first index, term.
 pub const ENTRIES_PREFIX_BYTES: usize = 16;
 
@@ -80,13 +83,16 @@ pub enum Record {
     /// Written just before every fsync of a segment: `offset` is this record's own byte
     /// offset in its file. Every synced stretch of a segment thus ends with a marker, so
     /// damage to any record that carries data is followed by intact bytes and is reported
-    /// as corruption, never cut off as a torn tail.
+    /// as corruption, never cut off as a torn tail. `padding` zero bytes follow `offset`
+    /// in the payload (at most `SYNC_MARK_PADDING_MAX`): the WAL uses them to end a large
+    /// sync on a page boundary, so that the next one does not rewrite a partial page.
     SyncMark {
         offset: u64,
+        padding: u16,
     },
     /// Several entries of one term with consecutive indices in one record, each item
-    /// framed by its kind and data length only: 5 bytes per entry instead of the 33 of an
-    /// `Entry` record, and one checksum over them all. Replays exactly like the same
+    /// framed by one varint (data length and kind): 1-3 bytes per entry instead of the 33
+    /// of an `Entry` record, and one checksum over them all. Replays exactly like the same
     /// entries as separate `Entry` records, except that a crash keeps all or none of them.
     /// Never empty.
     Entries(Vec<Entry>),
@@ -311,9 +317,10 @@ pub fn encode(out: &mut Vec<u8>, record: &Record) {
             out.extend_from_slice(&count.to_le_bytes());
             finish(out, start, TYPE_BATCH_BEGIN);
         }
-        Record::SyncMark { offset } => {
+        Record::SyncMark { offset, padding } => {
             let start = begin(out);
             out.extend_from_slice(&offset.to_le_bytes());
+            out.resize(out.len() + usize::from(*padding), 0);
             finish(out, start, TYPE_SYNC_MARK);
         }
     }
@@ -462,9 +469,21 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
             }
         }
         TYPE_SYNC_MARK => {
-            want(8, "sync marker")?;
+            if p.len() < 8 || p.len() > 8 + usize::from(SYNC_MARK_PADDING_MAX) {
+                return Err(DecodeError::Malformed(format!(
+                    "sync marker payload is {} bytes, expected 8 to {}",
+                    p.len(),
+                    8 + SYNC_MARK_PADDING_MAX
+                )));
+            }
+            if p[8..].iter().any(|&b| b != 0) {
+                return Err(DecodeError::Malformed(
+                    "sync marker padding not zero".into(),
+                ));
+            }
             Record::SyncMark {
                 offset: u64_at(p, 0),
+                padding: (p.len() - 8) as u16,
             }
         }
         TYPE_ENTRIES => Record::Entries(decode_entries(p)?),
@@ -547,7 +566,14 @@ mod tests {
                 first_index: 40,
                 count: 3,
             },
-            Record::SyncMark { offset: 4096 },
+            Record::SyncMark {
+                offset: 4096,
+                padding: 0,
+            },
+            Record::SyncMark {
+                offset: 8000,
+                padding: 168,
+            },
             Record::Entries(vec![
                 Entry {
                     index: 44,
@@ -616,8 +642,8 @@ mod tests {
     #[test]
     fn every_prefix_of_an_entries_record_is_incomplete() {
         let mut buf = Vec::new();
-        encode(&mut buf, &samples()[7]);
-        assert!(matches!(samples()[7], Record::Entries(_)));
+        encode(&mut buf, &samples()[8]);
+        assert!(matches!(samples()[8], Record::Entries(_)));
         for n in 0..buf.len() {
             assert!(matches!(
                 decode(&buf[..n]),
@@ -739,6 +765,38 @@ mod tests {
         assert_eq!(buf[32], 0x0c);
         assert_eq!(&buf[36..38], &[0xa2, 0x01]);
         assert_eq!(u32_at(&buf, 12), crc32c::crc32c(&buf[16..78]));
+    }
+
+    #[test]
+    fn sync_marker_padding_must_be_zero_and_short() {
+        let payload = |pad: usize, last: u8| {
+            let mut p = 77u64.to_le_bytes().to_vec();
+            p.resize(8 + pad, 0);
+            if pad > 0 {
+                *p.last_mut().unwrap() = last;
+            }
+            p
+        };
+        for (what, p, ok) in [
+            ("no padding", payload(0, 0), true),
+            ("largest padding", payload(4095, 0), true),
+            ("too much padding", payload(4096, 0), false),
+            ("non-zero padding", payload(10, 1), false),
+            ("short", 77u64.to_le_bytes()[..7].to_vec(), false),
+        ] {
+            let mut buf = Vec::new();
+            frame_raw(&mut buf, TYPE_SYNC_MARK, &p);
+            match decode(&buf) {
+                Ok((Record::SyncMark { offset, padding }, n)) if ok => {
+                    assert_eq!(
+                        (offset, usize::from(padding), n),
+                        (77, p.len() - 8, buf.len())
+                    );
+                }
+                Err(DecodeError::Malformed(_)) if !ok => {}
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -48,8 +48,18 @@ pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 << 20;
 /// buffer's memory (its capacity is kept for the next batch).
 pub const WRITE_BUFFER_BYTES_MAX_DEFAULT: usize = 32 << 20;
 
-/// Encoded size of a `SyncMark` record.
+/// Encoded size of a `SyncMark` record without padding.
 const SYNC_MARK_BYTES: u64 = HEADER_BYTES as u64 + 8;
+
+/// A sync that writes at least this much pads its marker so that the segment ends on a
+/// page boundary (`PAGE_BYTES`): the next sync then starts on a fresh page instead of
+/// writing the last, partial page a second time (measured: 10% of a 128 KiB
+/// `fdatasync`). Smaller syncs are not padded, which bounds the space spent on padding
+/// to 1/8 of what is written.
+pub const SYNC_PAD_MIN_BYTES: u64 = 32 << 10;
+
+/// The page size sync markers align to (the usual file-system block and page size).
+const PAGE_BYTES: u64 = 4096;
 
 /// Entry data of at least this size is not copied into the write buffer: the batch goes
 /// to the OS in one `writev` straight from the caller's entries (at the end of `append`,
@@ -108,6 +118,8 @@ struct Segment {
     has_entries: bool,
     /// Bytes in the file plus bytes buffered for it.
     bytes: u64,
+    /// `bytes` right after its last sync marker (0 before the first).
+    marked_bytes: u64,
 }
 
 fn segment_name(seq: u64, first_index: u64) -> String {
@@ -195,6 +207,8 @@ pub struct Wal<D: Disk = StdDisk> {
     batching: bool,
     /// `ZERO_COPY_MIN_BYTES`, but tests vary it to cover both paths with small entries.
     zero_copy_min: usize,
+    /// `SYNC_PAD_MIN_BYTES`, but tests vary it to cover padding with small syncs.
+    sync_pad_min: u64,
 }
 
 impl<D: Disk> std::fmt::Debug for Wal<D> {
@@ -250,6 +264,7 @@ impl<D: Disk> Wal<D> {
             failed: None,
             batching: true,
             zero_copy_min: ZERO_COPY_MIN_BYTES,
+            sync_pad_min: SYNC_PAD_MIN_BYTES,
         };
         let r = wal.load()?;
         wal.recovered = Some(r);
@@ -298,6 +313,13 @@ impl<D: Disk> Wal<D> {
     #[doc(hidden)]
     pub fn set_zero_copy_min_for_tests(&mut self, bytes: usize) {
         self.zero_copy_min = bytes;
+    }
+
+    /// Test switch: a sync that wrote at least `bytes` pads its marker to a page boundary
+    /// (see `SYNC_PAD_MIN_BYTES`).
+    #[doc(hidden)]
+    pub fn set_sync_pad_min_for_tests(&mut self, bytes: u64) {
+        self.sync_pad_min = bytes;
     }
 
     /// Number of segment files (for tests and metrics).
@@ -398,12 +420,18 @@ impl<D: Disk> Wal<D> {
         if !self.unmarked {
             return Ok(());
         }
-        let offset = self.segments.last().expect("active segment").bytes;
-        self.put(&Record::SyncMark { offset })?;
-        debug_assert_eq!(
-            self.segments.last().map(|s| s.bytes),
-            Some(offset + SYNC_MARK_BYTES)
-        );
+        let seg = self.segments.last().expect("active segment");
+        let offset = seg.bytes;
+        let padding = if offset - seg.marked_bytes >= self.sync_pad_min {
+            (PAGE_BYTES - (offset + SYNC_MARK_BYTES) % PAGE_BYTES) % PAGE_BYTES
+        } else {
+            0
+        };
+        let padding = u16::try_from(padding).expect("below one page");
+        self.put(&Record::SyncMark { offset, padding })?;
+        let seg = self.active();
+        debug_assert_eq!(seg.bytes, offset + SYNC_MARK_BYTES + u64::from(padding));
+        seg.marked_bytes = seg.bytes;
         self.unmarked = false;
         Ok(())
     }
@@ -450,6 +478,7 @@ impl<D: Disk> Wal<D> {
             max_index: prev_index,
             has_entries: false,
             bytes: 0,
+            marked_bytes: 0,
         });
         self.dir_dirty = true;
         self.put(&Record::SegmentStart {
@@ -599,6 +628,7 @@ impl<D: Disk> Wal<D> {
                 max_index: first_index.wrapping_sub(1),
                 has_entries: false,
                 bytes: 0,
+                marked_bytes: 0,
             };
             let mut at = 0usize;
             // Whether the last record kept so far is a sync marker.
@@ -674,6 +704,7 @@ impl<D: Disk> Wal<D> {
                     .map_err(|e| io_err(&wal_dir, e))?;
                 continue;
             }
+            seg.marked_bytes = seg.bytes;
             self.segments.push(seg);
         }
 
@@ -900,7 +931,7 @@ impl<D: Disk> Wal<D> {
                 });
             }
             Record::HardState(hs) => rp.hard_state = hs,
-            Record::SyncMark { offset } => {
+            Record::SyncMark { offset, .. } => {
                 if offset != rec_at {
                     return Err(bad(format!(
                         "sync marker says byte offset {offset}, found at {rec_at}"

@@ -48,7 +48,10 @@ fn valid_records() -> Vec<u8> {
             first_index: 1,
             count: 2,
         },
-        Record::SyncMark { offset: 120 },
+        Record::SyncMark {
+            offset: 120,
+            padding: 3,
+        },
         Record::Entries(vec![
             Entry {
                 index: 2,

@@ -570,3 +570,46 @@ fn large_entries_are_written_without_a_copy_and_read_back() {
     let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
     assert_eq!(wal.recover().unwrap().entries, ents[..900].to_vec());
 }
+
+/// A sync of 32 KiB or more pads its marker so that the file ends on a 4 KiB boundary
+/// (the next sync starts on a fresh page); a small sync does not. Both read back.
+#[test]
+fn a_large_sync_ends_on_a_page_boundary() {
+    let d = TempDir::new("pad");
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    let ents = |range: std::ops::RangeInclusive<u64>, n: usize| -> Vec<Entry> {
+        range
+            .map(|index| Entry {
+                index,
+                term: 1,
+                kind: EntryKind::Normal,
+                data: vec![index as u8; n],
+            })
+            .collect()
+    };
+    let seg = segments(&d.0).pop().unwrap();
+    let mut all = Vec::new();
+    for (k, (batch, size)) in [(100, 1000), (3, 10), (40, 1000), (1, 20)]
+        .iter()
+        .enumerate()
+    {
+        let first = all.len() as u64 + 1;
+        let b = ents(first..=first + batch - 1, *size);
+        wal.append(&b).unwrap();
+        all.extend(b);
+        wal.sync().unwrap();
+        let len = fs::metadata(&seg).unwrap().len();
+        if k % 2 == 0 {
+            assert_eq!(
+                len % 4096,
+                0,
+                "sync {k} of {batch} x {size} B ends at {len}"
+            );
+        } else {
+            assert_ne!(len % 4096, 0, "sync {k}: small syncs are not padded");
+        }
+    }
+    drop(wal);
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    assert_eq!(wal.recover().unwrap().entries, all);
+}
