@@ -159,21 +159,46 @@ pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry) {
 /// data to the OS straight from the caller's buffers, in one `writev`, without copying.
 pub type Borrowed<'a> = (usize, &'a [u8]);
 
-/// Appends `data` to the record being built, or borrows it if it has at least
-/// `borrow_min` bytes; returns the checksum carried on over it.
-fn put_data<'a>(
-    out: &mut Vec<u8>,
+/// The payload checksum of a record being built whose data may be partly borrowed:
+/// bytes in `out` are checksummed in long stretches (`out[from..]` is still to do), which
+/// is much faster than a call per entry for small entries.
+struct PayloadCrc {
     crc: u32,
-    data: &'a [u8],
-    borrow_min: usize,
-    borrowed: &mut Vec<Borrowed<'a>>,
-) -> u32 {
-    if data.len() >= borrow_min {
-        borrowed.push((out.len(), data));
-    } else {
-        out.extend_from_slice(data);
+    from: usize,
+}
+
+impl PayloadCrc {
+    fn new(out: &[u8]) -> Self {
+        PayloadCrc {
+            crc: 0,
+            from: out.len(),
+        }
     }
-    crc32c::crc32c_append(crc, data)
+
+    /// Appends `data` to the record being built, or borrows it if it has at least
+    /// `borrow_min` bytes (checksumming it where it lies).
+    fn put<'a>(
+        &mut self,
+        out: &mut Vec<u8>,
+        data: &'a [u8],
+        borrow_min: usize,
+        borrowed: &mut Vec<Borrowed<'a>>,
+    ) {
+        if data.len() >= borrow_min {
+            self.finish(out);
+            self.crc = crc32c::crc32c_append(self.crc, data);
+            borrowed.push((out.len(), data));
+        } else {
+            out.extend_from_slice(data);
+        }
+    }
+
+    /// The checksum of everything put so far.
+    fn finish(&mut self, out: &[u8]) -> u32 {
+        self.crc = crc32c::crc32c_append(self.crc, &out[self.from..]);
+        self.from = out.len();
+        self.crc
+    }
 }
 
 /// `encode_entry`, except that data of at least `borrow_min` bytes is not copied into
@@ -186,11 +211,12 @@ pub fn encode_entry_borrowing<'a>(
 ) {
     assert!(entry.data.len() <= ENTRY_DATA_MAX_BYTES);
     let start = begin(out);
+    let mut crc = PayloadCrc::new(out);
     out.extend_from_slice(&entry.index.to_le_bytes());
     out.extend_from_slice(&entry.term.to_le_bytes());
     out.push(kind_to_u8(entry.kind));
-    let crc = crc32c::crc32c(&out[start + HEADER_BYTES..]);
-    let crc = put_data(out, crc, &entry.data, borrow_min, borrowed);
+    crc.put(out, &entry.data, borrow_min, borrowed);
+    let crc = crc.finish(out);
     finish_with(
         out,
         start,
@@ -267,16 +293,15 @@ pub fn encode_entries_borrowing<'a>(
     let payload = ENTRIES_PREFIX_BYTES + entries.iter().map(entries_item_bytes).sum::<usize>();
     assert!(payload <= RECORD_PAYLOAD_MAX_BYTES);
     let start = begin(out);
+    let mut crc = PayloadCrc::new(out);
     out.extend_from_slice(&first.index.to_le_bytes());
     out.extend_from_slice(&first.term.to_le_bytes());
-    let mut crc = crc32c::crc32c(&out[start + HEADER_BYTES..]);
     for (i, e) in entries.iter().enumerate() {
         assert!(e.term == first.term && Some(e.index) == first.index.checked_add(i as u64));
-        let at = out.len();
         put_varint(out, item_header(e));
-        crc = crc32c::crc32c_append(crc, &out[at..]);
-        crc = put_data(out, crc, &e.data, borrow_min, borrowed);
+        crc.put(out, &e.data, borrow_min, borrowed);
     }
+    let crc = crc.finish(out);
     finish_with(out, start, TYPE_ENTRIES, payload, crc);
 }
 
