@@ -41,6 +41,8 @@ struct Limits {
     cell: Duration,
     batches: u64,
     bytes: u64,
+    /// `--zero-copy-min`: overrides `ZERO_COPY_MIN_BYTES`, to compare the two write paths.
+    zero_copy_min: Option<usize>,
 }
 
 struct Cell {
@@ -116,6 +118,9 @@ fn cell(
             ..WalOptions::default()
         },
     )?;
+    if let Some(n) = l.zero_copy_min {
+        w.set_zero_copy_min_for_tests(n);
+    }
     let mut entries: Vec<Entry> = (0..batch)
         .map(|_| Entry {
             index: 0,
@@ -201,6 +206,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cell: Duration::from_millis(num("--cell-ms", 4000)?),
         batches: num("--cell-batches", 20000)?,
         bytes: num("--cell-mib", 2048)? << 20,
+        zero_copy_min: arg(&args, "--zero-copy-min")
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("--zero-copy-min: not a number: {v}"))
+            })
+            .transpose()?,
     };
     fs::create_dir_all(&dir)?;
     let list = |name: &str, all: &[usize]| -> Result<Vec<usize>, String> {
@@ -218,6 +229,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cell: limits.cell / rounds as u32,
         batches: limits.batches.div_ceil(rounds),
         bytes: limits.bytes.div_ceil(rounds),
+        zero_copy_min: limits.zero_copy_min,
     };
     // Per cell: raw, WAL, WAL on-disk bytes, and the WAL/raw ratio of each round.
     let mut cells: Vec<(usize, usize, Cell, Cell, u64, Vec<f64>)> = Vec::new();
