@@ -61,6 +61,10 @@ pub const SYNC_PAD_MIN_BYTES: u64 = 32 << 10;
 /// The page size sync markers align to (the usual file-system block and page size).
 const PAGE_BYTES: u64 = 4096;
 
+/// The write buffer keeps at most this much capacity between batches: reusing it saves
+/// page faults on every batch, and one rare huge batch does not pin its size in memory.
+const PENDING_CAPACITY_KEPT_BYTES: usize = 4 << 20;
+
 /// Entry data of at least this size is not copied into the write buffer: the batch goes
 /// to the OS in one `writev` straight from the caller's entries (at the end of `append`,
 /// since they are only borrowed), saving a copy that costs about as much as the
@@ -387,6 +391,9 @@ impl<D: Disk> Wal<D> {
             return Err(self.fail(io_err(&path, e)));
         }
         self.pending.clear();
+        if self.pending.capacity() > PENDING_CAPACITY_KEPT_BYTES {
+            self.pending.shrink_to(PENDING_CAPACITY_KEPT_BYTES);
+        }
         borrowed.clear();
         self.file_dirty = true;
         Ok(())
