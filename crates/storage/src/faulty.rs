@@ -173,6 +173,18 @@ impl FaultyStore {
         &self.wal
     }
 
+    /// Test switch, see `Wal::set_zero_copy_min_for_tests`.
+    #[doc(hidden)]
+    pub fn set_zero_copy_min_for_tests(&mut self, bytes: usize) {
+        self.wal.set_zero_copy_min_for_tests(bytes);
+    }
+
+    /// Test switch, see `Wal::set_sync_pad_min_for_tests`.
+    #[doc(hidden)]
+    pub fn set_sync_pad_min_for_tests(&mut self, bytes: u64) {
+        self.wal.set_sync_pad_min_for_tests(bytes);
+    }
+
     /// Test switch, see `Wal::set_batching_for_tests`.
     #[doc(hidden)]
     pub fn set_batching_for_tests(&mut self, on: bool) {
@@ -344,7 +356,7 @@ mod tests {
             // Find the last entry record.
             let (mut at, mut last_entry) = (0, None);
             while let Ok((rec, n)) = record::decode(&bytes[at..]) {
-                if matches!(rec, Record::Entry(_)) {
+                if matches!(rec, Record::Entry(_) | Record::Entries(_)) {
                     last_entry = Some(at);
                 }
                 at += n;

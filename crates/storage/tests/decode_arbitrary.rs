@@ -48,7 +48,24 @@ fn valid_records() -> Vec<u8> {
             first_index: 1,
             count: 2,
         },
-        Record::SyncMark { offset: 120 },
+        Record::SyncMark {
+            offset: 120,
+            padding: 3,
+        },
+        Record::Entries(vec![
+            Entry {
+                index: 2,
+                term: 1,
+                kind: EntryKind::Normal,
+                data: b"de".to_vec(),
+            },
+            Entry {
+                index: 3,
+                term: 1,
+                kind: EntryKind::ConfChange,
+                data: b"f".to_vec(),
+            },
+        ]),
     ] {
         encode(&mut buf, &r);
     }

@@ -362,19 +362,33 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
-    fn faulty_store_matches_model(ops in proptest::collection::vec(op(), 1..80)) {
+    fn faulty_store_matches_model(
+        ops in proptest::collection::vec(op(), 1..80),
+        zero_copy_min in prop_oneof![Just(0usize), Just(150), Just(4096)],
+        sync_pad_min in prop_oneof![Just(0u64), Just(600), Just(32 << 10)],
+    ) {
         let mut store = FaultyStore::with_options(small_opts(1 << 20));
         store.set_batching_for_tests(batching());
+        store.set_zero_copy_min_for_tests(zero_copy_min);
+        store.set_sync_pad_min_for_tests(sync_pad_min);
         run(&mut store, &ops)?;
     }
 
+    /// `zero_copy_min` 0 and 150 send (some) entry data to the disk straight from the
+    /// caller's entries, in one `writev` at the end of `append`; `sync_pad_min` 0 and 600
+    /// pad (some) sync markers to a page boundary (the real thresholds are above this
+    /// test's sizes).
     #[test]
     fn wal_on_sim_disk_matches_model(
         ops in proptest::collection::vec(op(), 1..80),
         buffer in prop_oneof![Just(1usize), Just(700), Just(1 << 20)],
+        zero_copy_min in prop_oneof![Just(0usize), Just(150), Just(4096)],
+        sync_pad_min in prop_oneof![Just(0u64), Just(600), Just(32 << 10)],
     ) {
         let mut wal = Wal::open_on(SimDisk::new(), Path::new("/node"), small_opts(buffer)).unwrap();
         wal.set_batching_for_tests(batching());
+        wal.set_zero_copy_min_for_tests(zero_copy_min);
+        wal.set_sync_pad_min_for_tests(sync_pad_min);
         run(&mut wal, &ops)?;
     }
 }
