@@ -166,7 +166,6 @@ pub struct Raft {
     ready_outstanding: bool,
     /// Leader: appends may be due (new entries, acks, or a commit to announce).
     replicate_dirty: bool,
-    commit_dirty: bool,
     /// vote_without_persist bug: the vote is hidden from `Ready::hard_state`.
     bug_hide_vote: bool,
     /// Peer messages dropped because their content was impossible (see `drop_bad`).
@@ -233,7 +232,6 @@ impl Raft {
         self.reads.clear();
         self.forwarded_reads.clear();
         self.replicate_dirty = false;
-        self.commit_dirty = false;
     }
 
     // ----- role changes -----------------------------------------------------------------
@@ -895,7 +893,6 @@ impl Replica for Raft {
             applying: applied,
             ready_outstanding: false,
             replicate_dirty: false,
-            commit_dirty: false,
             bug_hide_vote: false,
             bad_messages: 0,
             cfg: config,

@@ -89,6 +89,10 @@ pub struct Progress {
     /// transfer forever), and how many bytes the follower has.
     pub snapshot: Option<Arc<Snapshot>>,
     pub snapshot_offset: u64,
+    /// Commit index carried by the last append sent to this follower: a follower whose
+    /// append was still in flight when the commit index moved learns it with an empty
+    /// append once its answer arrives, not a heartbeat later.
+    pub commit_sent: u64,
 }
 
 impl Progress {
@@ -105,6 +109,7 @@ impl Progress {
             sent_tick: 0,
             snapshot: None,
             snapshot_offset: 0,
+            commit_sent: 0,
         }
     }
 

@@ -36,7 +36,6 @@ impl Raft {
                 self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(e.data.len());
             }
         }
-        self.commit_dirty = true;
         self.replicate_dirty = true;
         self.after_commit_leader();
         true
@@ -84,6 +83,7 @@ impl Raft {
         let last = entries.last().map(|e| e.index);
         let commit = self.commit;
         let pr = self.progress.get_mut(&to).expect("checked above");
+        pr.commit_sent = commit;
         match pr.state {
             ProgressState::Replicate => {
                 if let Some(last) = last {
@@ -147,7 +147,7 @@ impl Raft {
             return;
         }
         self.replicate_dirty = false;
-        let commit_dirty = std::mem::take(&mut self.commit_dirty);
+        let commit = self.commit;
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();
         for to in peers {
             let mut sent = false;
@@ -162,13 +162,15 @@ impl Raft {
                 .progress
                 .get(&to)
                 .is_some_and(|p| p.state == ProgressState::Replicate);
-            let idle = self
+            let (idle, told) = self
                 .progress
                 .get(&to)
-                .is_some_and(|p| p.inflights.is_empty());
+                .map_or((false, commit), |p| (p.inflights.is_empty(), p.commit_sent));
             // Only when nothing is in flight: an empty append racing ahead of in-flight
-            // entries would be rejected and knock the follower back to probing.
-            if commit_dirty && !sent && replicate && idle {
+            // entries would be rejected and knock the follower back to probing. A follower
+            // that was busy when the commit index moved is told once its answer arrives
+            // (every answer sets `replicate_dirty`), as etcd's raft does.
+            if !sent && replicate && idle && told < commit {
                 // Nothing new to send, but the follower should learn the commit index.
                 self.send_append(to, true);
             }

@@ -462,6 +462,59 @@ fn leader_counts_own_entries_only_after_advance() {
     assert_eq!(net.node(1).status().commit, index);
 }
 
+/// A follower whose append was still in flight when a faster follower's answer moved the
+/// commit index learns it as soon as its own answer arrives, not a heartbeat later (a
+/// write forwarded through that follower waits for it to apply).
+#[test]
+fn slower_follower_learns_the_commit_without_waiting_for_a_tick() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.node(1).propose(b"x".to_vec()).unwrap();
+    let rd = net.node(1).ready();
+    let index = rd.entries[0].index;
+    net.node(1).advance();
+    let (mut to2, mut to3) = (None, None);
+    for m in rd.messages {
+        match m.to {
+            2 => to2 = Some(m.msg),
+            3 => to3 = Some(m.msg),
+            _ => {}
+        }
+    }
+    // Both followers persist the entry; node 2 answers first and commits it.
+    let mut answer = |net: &mut Net, id: NodeId, msg: Message| {
+        net.node(id).step(1, msg);
+        let rd = net.node(id).ready();
+        net.node(id).advance();
+        rd.messages
+    };
+    let from2 = answer(&mut net, 2, to2.expect("append to 2"));
+    let from3 = answer(&mut net, 3, to3.expect("append to 3"));
+    for m in from2 {
+        net.node(1).step(2, m.msg);
+    }
+    assert_eq!(net.node(1).status().commit, index);
+    let rd = net.node(1).ready();
+    net.node(1).advance();
+    assert!(
+        rd.messages.iter().all(|m| m.to != 3),
+        "node 3 still has an append in flight"
+    );
+    // Node 3's answer arrives: the next Ready tells it the commit index. No tick.
+    for m in from3 {
+        net.node(1).step(3, m.msg);
+    }
+    let rd = net.node(1).ready();
+    net.node(1).advance();
+    let to3 = rd
+        .messages
+        .into_iter()
+        .find(|m| m.to == 3)
+        .expect("an append telling node 3 the commit index");
+    net.node(3).step(1, to3.msg);
+    assert_eq!(net.node(3).status().commit, index);
+}
+
 #[test]
 fn transfer_refuses_proposals_and_times_out() {
     let mut net = Net::new(3, |_| {});
