@@ -482,7 +482,7 @@ fn slower_follower_learns_the_commit_without_waiting_for_a_tick() {
         }
     }
     // Both followers persist the entry; node 2 answers first and commits it.
-    let mut answer = |net: &mut Net, id: NodeId, msg: Message| {
+    let answer = |net: &mut Net, id: NodeId, msg: Message| {
         net.node(id).step(1, msg);
         let rd = net.node(id).ready();
         net.node(id).advance();
