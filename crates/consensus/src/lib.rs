@@ -269,7 +269,9 @@ pub struct Ready<M> {
     /// New hard state to make durable, if it changed.
     pub hard_state: Option<HardState>,
     /// True when `entries`, `hard_state` or `snapshot` must be fsynced before `messages`
-    /// are sent. False only when nothing durable changed.
+    /// are sent. False when nothing changed but (at most) the hard state's commit index:
+    /// that is written (`set_hard_state`) but needs no fsync of its own; the next sync
+    /// covers it, and a replica that loses it learns the commit index again.
     pub must_sync: bool,
     /// Messages to send, only after the above is durable.
     pub messages: Vec<Outgoing<M>>,

@@ -513,6 +513,16 @@ fn slower_follower_learns_the_commit_without_waiting_for_a_tick() {
         .expect("an append telling node 3 the commit index");
     net.node(3).step(1, to3.msg);
     assert_eq!(net.node(3).status().commit, index);
+    // Only the commit index moved: written with the hard state, but no fsync needed.
+    let rd = net.node(3).ready();
+    assert_eq!(rd.hard_state.map(|hs| hs.commit), Some(index));
+    assert!(rd.entries.is_empty());
+    assert!(
+        !rd.must_sync,
+        "a commit-only hard state change needs no fsync"
+    );
+    assert_eq!(rd.committed.last().map(|e| e.index), Some(index));
+    net.node(3).advance();
 }
 
 #[test]
