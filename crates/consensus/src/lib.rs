@@ -611,6 +611,12 @@ pub trait Replica {
     /// The runtime uses it to refuse promoting a learner that has not caught up.
     fn match_index(&self, id: NodeId) -> Option<u64>;
 
+    /// The configuration in force after applying the entry at `index` (at or after the
+    /// last compaction point, at or before the commit index): what a snapshot taken at
+    /// `index` must record. `status().conf` may already include later, uncommitted
+    /// changes (Raft adopts a change when it is appended).
+    fn conf_at(&self, index: u64) -> ConfState;
+
     /// Encodes a message for the wire. Decoding never panics on bad input.
     fn encode_message(msg: &Self::Message) -> Vec<u8>;
     fn decode_message(bytes: &[u8]) -> Result<Self::Message, DecodeError>;

@@ -669,14 +669,28 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                     Some(r) => self.on_request(r),
                     None => break,
                 },
-                Some(d) = recv_opt(&mut snap_done) => {
-                    if let Err(e) = self.on_snapshot_written(d) {
-                        tracing::error!(node = self.id, group = self.group, "stopping: {e}");
-                        self.fail_all(NodeError::Stopped);
-                        self.publish_status(true);
-                        return;
+                d = recv_opt(&mut snap_done) => match d {
+                    Some(d) => {
+                        if let Err(e) = self.on_snapshot_written(d) {
+                            tracing::error!(node = self.id, group = self.group, "stopping: {e}");
+                            self.fail_all(NodeError::Stopped);
+                            self.publish_status(true);
+                            return;
+                        }
                     }
-                }
+                    None => {
+                        // The snapshot thread is gone (it panicked): take snapshots on this
+                        // thread from now on rather than never compact again.
+                        tracing::error!(
+                            node = self.id,
+                            group = self.group,
+                            "snapshot thread ended; writing snapshots on the group thread"
+                        );
+                        snap_done = None;
+                        self.snap_writer = None;
+                        self.snapshot_in_flight = None;
+                    }
+                },
                 _ = shutdown.changed() => break,
             }
             // Drain what is already queued so one Ready (one fsync) covers all of it.
@@ -1613,7 +1627,9 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
             meta: SnapshotMeta {
                 index: self.applied,
                 term: self.applied_term,
-                conf: self.replica.status().conf,
+                // The membership as of `applied`, not the newest one: a change appended
+                // but not yet committed must not reach the snapshot file.
+                conf: self.replica.conf_at(self.applied),
             },
             data,
         };
@@ -1630,12 +1646,24 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                         t.elapsed()
                     );
                 }
-                Err(_) => tracing::warn!(
+                Err(std::sync::mpsc::TrySendError::Full(_)) => tracing::warn!(
                     node = self.id,
                     group = self.group,
                     index,
-                    "snapshot writer busy or gone; skipping this snapshot"
+                    "snapshot writer busy; skipping this snapshot"
                 ),
+                Err(std::sync::mpsc::TrySendError::Disconnected(snap)) => {
+                    tracing::error!(
+                        node = self.id,
+                        group = self.group,
+                        "snapshot thread ended; writing snapshots on the group thread"
+                    );
+                    self.snap_writer = None;
+                    self.store
+                        .install_snapshot(&snap)
+                        .map_err(|e| format!("saving snapshot at {index}: {e}"))?;
+                    self.snapshot_taken(snap, t);
+                }
             }
             return Ok(());
         }

@@ -68,7 +68,17 @@ impl SnapshotWriter {
     /// Blocking: call it on a thread of its own.
     pub fn write(&self, snap: &Snapshot) -> Result<WrittenSnapshot> {
         let mut disk = crate::disk::StdDisk::new();
-        self.store.write_file(&mut disk, snap, WRITER_TMP_EXT)?;
+        if let Err(e) = self.store.write_file(&mut disk, snap, WRITER_TMP_EXT) {
+            // The caller carries on (its log is untouched) and tries again later under
+            // another name: do not leave a partial file of possibly hundreds of MB behind,
+            // least of all when the disk is full.
+            let tmp = self
+                .store
+                .path(snap.meta.index, snap.meta.term)
+                .with_extension(WRITER_TMP_EXT);
+            let _ = disk.remove(&tmp);
+            return Err(e);
+        }
         self.store.prune(&mut disk)?;
         Ok(WrittenSnapshot {
             meta: snap.meta.clone(),

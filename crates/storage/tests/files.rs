@@ -347,6 +347,28 @@ fn a_crash_between_writing_and_adopting_recovers_the_snapshot() {
 }
 
 #[test]
+fn a_failed_off_thread_write_leaves_no_temp_file() {
+    let d = TempDir::new("snap-writer-fail");
+    write_log(&d.0, 300, 4096);
+    let wal = Wal::open(&d.0, opts(4096)).unwrap();
+    // A directory where the snapshot file should go makes the final rename fail.
+    let target = d.0.join("snap").join(format!("{:020}-{:020}.snap", 250, 1));
+    fs::create_dir_all(&target).unwrap();
+    let err = wal
+        .snapshot_writer()
+        .unwrap()
+        .write(&snap(250, 1))
+        .unwrap_err();
+    assert!(err.to_string().contains(".snap"), "{err}");
+    let leftovers: Vec<_> = fs::read_dir(d.0.join("snap"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
 fn stores_without_files_cannot_adopt() {
     let mem = concord_storage::mem::MemStore::new();
     assert!(mem.snapshot_writer().is_none());

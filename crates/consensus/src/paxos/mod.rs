@@ -1807,6 +1807,12 @@ impl Replica for Paxos {
         }
     }
 
+    fn conf_at(&self, index: u64) -> ConfState {
+        // Slot `index + 1` is decided under the configuration chosen up to `index`
+        // (what `compact` records too).
+        self.conf_for(index + 1).clone()
+    }
+
     fn match_index(&self, id: NodeId) -> Option<u64> {
         let lead = self.lead.as_ref().filter(|_| self.role == Role::Leader)?;
         if id == self.id {

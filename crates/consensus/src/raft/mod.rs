@@ -1136,6 +1136,10 @@ impl Replica for Raft {
         }
     }
 
+    fn conf_at(&self, index: u64) -> ConfState {
+        self.conf.at(index).clone()
+    }
+
     fn match_index(&self, id: NodeId) -> Option<u64> {
         if self.role != StateRole::Leader {
             return None;

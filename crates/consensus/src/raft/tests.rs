@@ -553,9 +553,13 @@ fn conf_change_rules() {
     let add4 = ConfChange {
         changes: vec![ConfChangeItem::AddVoter(4)],
     };
+    let committed = net.node(1).status().commit;
     net.node(1).propose_conf_change(add4.clone()).unwrap();
     // Applied on append: the leader already counts 4.
     assert_eq!(net.node(1).conf().voters, vec![1, 2, 3, 4]);
+    // ...but a snapshot at the commit index must record the membership as of there.
+    assert_eq!(net.node(1).status().conf.voters, vec![1, 2, 3, 4]);
+    assert_eq!(net.node(1).conf_at(committed).voters, vec![1, 2, 3]);
     assert!(matches!(
         net.node(1).propose_conf_change(add4),
         Err(ProposeError::ConfChangeRejected(_))
