@@ -304,6 +304,16 @@ fn snapshot_deletes_covered_segments_and_survives_reopen() {
     assert_eq!(fs::read_dir(d.0.join("snap")).unwrap().count(), 2);
 }
 
+/// Reopening finds the snapshot at 250 (term 1) and the entries 251..=300 after it.
+fn assert_reopens_with_snapshot_250_and_entries_to_300(dir: &Path) {
+    let mut wal = Wal::open(dir, opts(4096)).unwrap();
+    let r = wal.recover().unwrap();
+    assert_eq!(r.applied, 250);
+    assert_eq!(r.snapshot.unwrap(), snap(250, 1));
+    assert_eq!(r.entries.first().unwrap().index, 251);
+    assert_eq!(r.entries.last().unwrap().index, 300);
+}
+
 #[test]
 fn snapshot_written_on_another_thread_is_adopted_and_survives_reopen() {
     let d = TempDir::new("snap-writer");
@@ -323,12 +333,7 @@ fn snapshot_written_on_another_thread_is_adopted_and_survives_reopen() {
     assert!(!wal.adopt_snapshot(old).unwrap());
     assert_eq!((wal.first_index(), wal.last_index()), (251, 300));
     drop(wal);
-    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
-    let r = wal.recover().unwrap();
-    assert_eq!(r.applied, 250);
-    assert_eq!(r.snapshot.unwrap(), snap(250, 1));
-    assert_eq!(r.entries.first().unwrap().index, 251);
-    assert_eq!(r.entries.last().unwrap().index, 300);
+    assert_reopens_with_snapshot_250_and_entries_to_300(&d.0);
 }
 
 #[test]
@@ -338,12 +343,7 @@ fn a_crash_between_writing_and_adopting_recovers_the_snapshot() {
     let wal = Wal::open(&d.0, opts(4096)).unwrap();
     wal.snapshot_writer().unwrap().write(&snap(250, 1)).unwrap();
     drop(wal); // "crash": never adopted
-    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
-    let r = wal.recover().unwrap();
-    assert_eq!(r.applied, 250);
-    assert_eq!(r.snapshot.unwrap(), snap(250, 1));
-    assert_eq!(r.entries.first().unwrap().index, 251);
-    assert_eq!(r.entries.last().unwrap().index, 300);
+    assert_reopens_with_snapshot_250_and_entries_to_300(&d.0);
 }
 
 #[test]
