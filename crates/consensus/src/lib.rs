@@ -12,6 +12,7 @@
 //!           let rd = replica.ready();
 //!           1. persist: rd.snapshot, then rd.entries (truncating the log from the first
 //!              entry's index), then rd.hard_state; fsync if rd.must_sync
+//!           0. (optional) send rd.messages[..rd.send_before_persist] at once
 //!           2. send rd.messages                 (only after step 1 is durable)
 //!           3. apply rd.committed in order; answer rd.read_states once applied >= index
 //!           4. replica.advance()
@@ -273,8 +274,16 @@ pub struct Ready<M> {
     /// that is written (`set_hard_state`) but needs no fsync of its own; the next sync
     /// covers it, and a replica that loses it learns the commit index again.
     pub must_sync: bool,
-    /// Messages to send, only after the above is durable.
+    /// Messages to send, only after the above is durable, except for the first
+    /// `send_before_persist` of them.
     pub messages: Vec<Outgoing<M>>,
+    /// How many of the leading `messages` do not depend on this Ready being durable and may
+    /// be sent before (or while) it is persisted: a leader's replication of its own log
+    /// (Raft thesis §10.2.1), so followers write the entries in parallel with the leader's
+    /// own fsync. The replica counts its own copy toward commit only after `advance`, and
+    /// it never puts a message here in a Ready that changes its term or vote. A driver may
+    /// ignore this and send everything after persisting.
+    pub send_before_persist: usize,
     /// Entries now committed/chosen, to apply in index order (after persisting).
     pub committed: Vec<Entry>,
     /// Reads that are safe once `applied >= index`.
@@ -289,6 +298,7 @@ impl<M> Default for Ready<M> {
             hard_state: None,
             must_sync: false,
             messages: Vec::new(),
+            send_before_persist: 0,
             committed: Vec::new(),
             read_states: Vec::new(),
         }
@@ -304,6 +314,16 @@ impl<M> Ready<M> {
             && self.committed.is_empty()
             && self.read_states.is_empty()
     }
+}
+
+/// Moves the messages `early` accepts to the front of `msgs`, keeping the relative order
+/// within both parts, and returns how many there are (for `Ready::send_before_persist`).
+pub(crate) fn partition_early<M>(msgs: &mut Vec<Outgoing<M>>, early: impl Fn(&M) -> bool) -> usize {
+    let (mut first, rest): (Vec<_>, Vec<_>) = msgs.drain(..).partition(|o| early(&o.msg));
+    let n = first.len();
+    first.extend(rest);
+    *msgs = first;
+    n
 }
 
 /// What survived on disk, handed to a replica when it restarts.

@@ -5,6 +5,8 @@
 //! taking one `Ready`, so a single fsync covers every proposal that arrived meanwhile
 //! (group commit). A `Ready` is handled strictly in the contract's order:
 //!
+//! 0. send the messages the replica marks as not depending on this `Ready`
+//!    (`send_before_persist`: a leader's appends), so followers write in parallel;
 //! 1. persist the snapshot, entries and hard state, then `sync` when `must_sync`;
 //! 2. send the messages (only now may anything that depends on them leave the node);
 //! 3. apply committed entries, answer the clients waiting on them, release reads whose
@@ -26,7 +28,7 @@ use crate::transport::{Frame, FrameKind, Transport};
 use bytes::Bytes;
 use concord_consensus::{
     ConfChange, ConfChangeItem, ConfState, Config as ReplicaConfig, EntryKind, GroupId, NodeId,
-    ProposeError, Ready, Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
+    Outgoing, ProposeError, Ready, Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
 };
 use concord_storage::{LogStore, SnapshotWriter, WrittenSnapshot};
 use serde::{Deserialize, Serialize};
@@ -1433,8 +1435,14 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
     }
 
     fn handle_ready(&mut self) -> Result<(), String> {
-        let rd: Ready<R::Message> = self.replica.ready();
+        let mut rd: Ready<R::Message> = self.replica.ready();
         self.metrics.readies_total.fetch_add(1, Ordering::Relaxed);
+        // 0. A leader's replication leaves first, so followers write while we fsync (the
+        // replica counts its own copy only after `advance`).
+        let early = rd.send_before_persist.min(rd.messages.len());
+        for out in rd.messages.drain(..early) {
+            self.send_consensus(out);
+        }
         // 1. Persist.
         if let Some(snap) = &rd.snapshot {
             self.store
@@ -1475,13 +1483,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         }
         // 2. Send, now that everything they depend on is durable.
         for out in rd.messages {
-            self.transport.send(Frame {
-                group: self.group,
-                from: self.id,
-                to: out.to,
-                kind: FrameKind::Consensus,
-                payload: Bytes::from(R::encode_message(&out.msg)),
-            });
+            self.send_consensus(out);
         }
         // 3. Apply.
         for e in rd.committed {
@@ -1524,6 +1526,16 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         self.replica.advance();
         self.maybe_snapshot()?;
         Ok(())
+    }
+
+    fn send_consensus(&self, out: Outgoing<R::Message>) {
+        self.transport.send(Frame {
+            group: self.group,
+            from: self.id,
+            to: out.to,
+            kind: FrameKind::Consensus,
+            payload: Bytes::from(R::encode_message(&out.msg)),
+        });
     }
 
     fn apply_entry(&mut self, index: u64, term: u64, kind: EntryKind, data: &[u8]) {

@@ -1140,15 +1140,36 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             if self.report.violation.is_some() {
                 return;
             }
-            let rd = match self.nodes[i].replica.as_mut() {
+            let mut rd = match self.nodes[i].replica.as_mut() {
                 Some(r) if r.has_ready() => r.ready(),
                 _ => {
                     self.check_node(id);
                     return;
                 }
             };
-            // 1. Persist.
             let prev_hs = self.nodes[i].hard_state;
+            // 0. What the replica says does not depend on this Ready leaves first, as the
+            // node runtime sends it, so a crash below (before or during the fsync) finds
+            // the leader's entries already on their way to followers. The claim is checked.
+            let early = rd.send_before_persist.min(rd.messages.len());
+            if early > 0
+                && rd
+                    .hard_state
+                    .is_some_and(|h| (h.term, h.vote) != (prev_hs.term, prev_hs.vote))
+            {
+                self.fail(format!(
+                    "node {id}: messages sent before persisting a Ready that changes term or vote"
+                ));
+                return;
+            }
+            for m in rd.messages.drain(..early) {
+                if R::vote_granted(&m.msg).is_some() {
+                    self.fail(format!("node {id}: a vote sent before it was durable"));
+                    return;
+                }
+                self.net.send(self.now, id, m.to, m.msg, &mut self.rng);
+            }
+            // 1. Persist.
             let needs_sync = rd.snapshot.is_some()
                 || !rd.entries.is_empty()
                 || rd

@@ -1759,6 +1759,7 @@ impl Replica for Paxos {
             || !entries.is_empty()
             || hs.term != self.last_hs.term
             || hs.vote != self.last_hs.vote;
+        let promise_unchanged = (hs.term, hs.vote) == (self.last_hs.term, self.last_hs.vote);
         self.last_hs = hs;
         let upto = self
             .commit
@@ -1770,12 +1771,28 @@ impl Replica for Paxos {
         self.delivered = upto.max(self.delivered);
         self.pending_applied = self.delivered;
         self.pending_stable = entries.last().map(|e| (self.promised, e.index));
+        // A leader's accepts, heartbeats and snapshot chunks may leave before its own
+        // acceptance is durable: it counts itself (`self_match`) only from `advance` on,
+        // and its ballot was made durable in phase 1. Not in a Ready that moves the promise.
+        let mut messages = std::mem::take(&mut self.msgs);
+        let send_before_persist = if self.lead.is_some() && promise_unchanged {
+            let ballot = self.promised;
+            crate::partition_early(&mut messages, |m: &Message| match m {
+                Message::Accept { ballot: b, .. }
+                | Message::Heartbeat { ballot: b, .. }
+                | Message::Snapshot { ballot: b, .. } => *b == ballot,
+                _ => false,
+            })
+        } else {
+            0
+        };
         Ready {
             snapshot,
             entries,
             hard_state,
             must_sync,
-            messages: std::mem::take(&mut self.msgs),
+            messages,
+            send_before_persist,
             committed,
             read_states: std::mem::take(&mut self.read_states),
         }

@@ -501,3 +501,48 @@ fn forged_accept_contradicting_a_chosen_slot_is_dropped() {
     );
     assert_eq!(p.status().commit, 1);
 }
+
+/// A leader's accepts leave before its own acceptance is durable (`send_before_persist`),
+/// and it counts itself only after `advance`: one acceptor's answer alone does not choose
+/// a slot the leader has not yet made durable.
+#[test]
+fn leader_sends_accepts_before_its_fsync_and_counts_itself_after() {
+    let mut p = node(1);
+    p.campaign_now();
+    let rd = cycle(&mut p);
+    assert_eq!(
+        rd.send_before_persist, 0,
+        "a prepare waits for the durable promise"
+    );
+    let b = p.status().term;
+    p.step(2, promise(b, 1, vec![], true, 0));
+    while p.has_ready() {
+        cycle(&mut p);
+    }
+    assert_eq!(p.status().role, Role::Leader);
+    let before = p.status().commit;
+    p.propose(b"x".to_vec()).unwrap();
+    let rd = p.ready();
+    let slot = rd.entries.last().expect("the proposal is persisted").index;
+    let early = &rd.messages[..rd.send_before_persist];
+    assert!(
+        early
+            .iter()
+            .any(|o| o.to == 2 && matches!(o.msg, Message::Accept { .. })),
+        "the accept should leave before the fsync: {early:?}"
+    );
+    p.step(
+        2,
+        Message::Accepted {
+            ballot: b,
+            matched: slot,
+        },
+    );
+    assert_eq!(
+        p.status().commit,
+        before,
+        "counted its own unpersisted acceptance"
+    );
+    p.advance();
+    assert_eq!(p.status().commit, slot);
+}

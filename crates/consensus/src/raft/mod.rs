@@ -1075,6 +1075,7 @@ impl Replica for Raft {
             || !entries.is_empty()
             || hs.term != self.prev_hs.term
             || hs.vote != self.prev_hs.vote;
+        let (prev_term, prev_vote) = (self.prev_hs.term, self.prev_hs.vote);
         self.prev_hs = hs;
         // Every entry up to `persisting` is durable before the driver applies anything
         // from this Ready (it persists first), so `committed` holds only durable entries.
@@ -1090,13 +1091,32 @@ impl Replica for Raft {
             );
             self.applying = last.index;
         }
+        // A leader's appends, heartbeats and snapshot chunks may leave before its own
+        // entries are durable: its own copy counts toward commit only from `advance` on
+        // (`maybe_commit` uses `log.stable()`), and its term was made durable when it
+        // campaigned. Not in a Ready that changes the term or vote.
+        let mut messages = std::mem::take(&mut self.msgs);
+        let send_before_persist = if self.role == StateRole::Leader
+            && hard_state.is_none_or(|h| (h.term, h.vote) == (prev_term, prev_vote))
+        {
+            crate::partition_early(&mut messages, |m: &Message| {
+                m.term == self.term
+                    && matches!(
+                        m.body,
+                        Body::Append { .. } | Body::Heartbeat { .. } | Body::Snapshot { .. }
+                    )
+            })
+        } else {
+            0
+        };
         self.ready_outstanding = true;
         Ready {
             snapshot,
             entries,
             hard_state,
             must_sync,
-            messages: std::mem::take(&mut self.msgs),
+            messages,
+            send_before_persist,
             committed,
             read_states: std::mem::take(&mut self.read_states),
         }

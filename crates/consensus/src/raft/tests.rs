@@ -627,3 +627,57 @@ fn leader_reports_match_index_of_each_peer() {
     assert_eq!(net.node(1).match_index(2), Some(last + 5));
     assert_eq!(net.node(1).match_index(3), Some(last));
 }
+
+/// A leader's appends leave before its own entries are durable (`send_before_persist`),
+/// and it counts its own copy only after `advance`: one follower's acknowledgement alone
+/// does not commit an entry the leader has not yet made durable.
+#[test]
+fn leader_sends_appends_before_its_fsync_and_counts_itself_after() {
+    let mut net = Net::new(3, |_| {});
+    // Until it leads, nothing of node 1's leaves early (pre-votes, votes wait).
+    for _ in 0..100 {
+        if net.node(1).status().role == Role::Leader {
+            break;
+        }
+        net.node(1).tick();
+        while net.node(1).has_ready() {
+            let rd = net.node(1).ready();
+            if net.node(1).status().role != Role::Leader {
+                assert_eq!(rd.send_before_persist, 0, "{:?}", rd.messages);
+            }
+            net.node(1).advance();
+            for m in rd.messages {
+                net.queue.push_back((1, m));
+            }
+            net.stabilize();
+        }
+    }
+    assert_eq!(net.node(1).status().role, Role::Leader);
+    net.stabilize();
+    let before = net.node(1).status().commit;
+    net.node(1).propose(b"x".to_vec()).unwrap();
+    let rd = net.node(1).ready();
+    let index = rd.entries.last().expect("the proposal is persisted").index;
+    let early: Vec<_> = rd.messages[..rd.send_before_persist].to_vec();
+    assert!(
+        early
+            .iter()
+            .any(|o| o.to == 2 && matches!(o.msg.body, Body::Append { .. })),
+        "the append should leave before the fsync: {early:?}"
+    );
+    for o in early.into_iter().filter(|o| o.to == 2) {
+        net.node(2).step(1, o.msg);
+    }
+    let rd2 = net.node(2).ready();
+    net.node(2).advance();
+    for o in rd2.messages.into_iter().filter(|o| o.to == 1) {
+        net.node(1).step(2, o.msg);
+    }
+    assert_eq!(
+        net.node(1).status().commit,
+        before,
+        "counted its own unpersisted copy"
+    );
+    net.node(1).advance();
+    assert_eq!(net.node(1).status().commit, index);
+}
