@@ -27,8 +27,8 @@ use crate::metrics::GroupMetrics;
 use crate::transport::{Frame, FrameKind, Transport};
 use bytes::Bytes;
 use concord_consensus::{
-    ConfChange, ConfChangeItem, ConfState, Config as ReplicaConfig, EntryKind, GroupId, NodeId,
-    Outgoing, ProposeError, Ready, Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
+    ConfChange, ConfChangeItem, ConfState, Config as ReplicaConfig, Entry, EntryKind, GroupId,
+    NodeId, Outgoing, ProposeError, Ready, Replica, Role, Snapshot, SnapshotMeta, Status, NO_NODE,
 };
 use concord_storage::{LogStore, SnapshotWriter, WrittenSnapshot};
 use serde::{Deserialize, Serialize};
@@ -427,6 +427,8 @@ where
         applied_term,
         snapshot_index,
         snap_writer,
+        serializing: None,
+        apply_backlog: VecDeque::new(),
         snapshot_in_flight: None,
         next_snapshot_at: snapshot_index + config.snapshot_every_entries,
         status,
@@ -452,7 +454,15 @@ where
 /// A snapshot written off-thread (or the error that stopped it), with the snapshot itself.
 type SnapshotDone = (concord_storage::Result<WrittenSnapshot>, Snapshot);
 
-/// Starts the thread that writes this group's own snapshots to files. It takes one
+/// Work for the snapshot thread: serialize the state machine (holding its lock, while the
+/// group applies nothing) and return the snapshot to write.
+type SnapshotJob = Box<dyn FnOnce() -> Snapshot + Send>;
+
+/// Committed entries held back while the snapshot thread serializes the state machine;
+/// beyond this the group waits for the serialization to finish (back-pressure).
+const APPLY_BACKLOG_MAX: usize = 65_536;
+
+/// Starts the thread that serializes and writes this group's own snapshots. It takes one
 /// snapshot at a time (the group takes no new one while one is in flight) and ends when
 /// the group drops its sender.
 fn spawn_snapshot_writer(
@@ -461,17 +471,18 @@ fn spawn_snapshot_writer(
     id: NodeId,
 ) -> Result<
     (
-        std::sync::mpsc::SyncSender<Snapshot>,
+        std::sync::mpsc::SyncSender<SnapshotJob>,
         mpsc::Receiver<SnapshotDone>,
     ),
     String,
 > {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<SnapshotJob>(1);
     let (done_tx, done_rx) = mpsc::channel::<SnapshotDone>(1);
     std::thread::Builder::new()
         .name(format!("snap-{group}-n{id}"))
         .spawn(move || {
-            while let Ok(snap) = rx.recv() {
+            while let Ok(job) = rx.recv() {
+                let snap = job();
                 let r = writer.write(&snap);
                 if done_tx.blocking_send((r, snap)).is_err() {
                     break;
@@ -630,8 +641,16 @@ struct Driver<R: Replica, SM: StateMachine> {
     applied: u64,
     applied_term: u64,
     snapshot_index: u64,
-    /// Where this group's own snapshots go to be written off-thread (file stores only).
-    snap_writer: Option<std::sync::mpsc::SyncSender<Snapshot>>,
+    /// Where this group's own snapshots go to be serialized and written off-thread (file
+    /// stores only).
+    snap_writer: Option<std::sync::mpsc::SyncSender<SnapshotJob>>,
+    /// Set while the snapshot thread serializes the state machine: it says (or hangs up)
+    /// once the state is captured. Until then nothing is applied; committed entries wait
+    /// in `apply_backlog`, so consensus (heartbeats, fsyncs, acks) goes on meanwhile.
+    serializing: Option<std::sync::mpsc::Receiver<()>>,
+    /// Committed entries not applied yet because a serialization is running (in order,
+    /// right after `applied`; at most `APPLY_BACKLOG_MAX`).
+    apply_backlog: VecDeque<Entry>,
     /// Index of the snapshot being written off-thread, if one is.
     snapshot_in_flight: Option<u64>,
     /// Applied index at which the next own snapshot is taken.
@@ -722,6 +741,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 }
                 rounds += 1;
             }
+            self.resume_apply();
             self.check_leadership();
             self.publish_status(false);
         }
@@ -1445,6 +1465,10 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         }
         // 1. Persist.
         if let Some(snap) = &rd.snapshot {
+            // Everything committed before it is applied first (waiting for a running
+            // serialization), so the restore replaces a state machine at rest.
+            self.wait_serialized();
+            self.apply_backlog_now();
             self.store
                 .install_snapshot(snap)
                 .map_err(|e| format!("installing snapshot: {e}"))?;
@@ -1485,17 +1509,18 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         for out in rd.messages {
             self.send_consensus(out);
         }
-        // 3. Apply.
+        // 3. Apply (or hold back while the snapshot thread serializes).
         for e in rd.committed {
-            if e.index <= self.applied {
+            let last = self.apply_backlog.back().map_or(self.applied, |b| b.index);
+            if e.index <= last {
                 continue; // Covered by a snapshot restored above.
             }
             assert_eq!(
                 e.index,
-                self.applied + 1,
+                last + 1,
                 "committed entries apply in order without gaps"
             );
-            self.apply_entry(e.index, e.term, e.kind, &e.data);
+            self.apply_or_defer(e);
         }
         for rs in rd.read_states {
             let Ok([ctx]) = envelope::decode_u64s::<1>(&rs.ctx) else {
@@ -1526,6 +1551,68 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         self.replica.advance();
         self.maybe_snapshot()?;
         Ok(())
+    }
+
+    /// Whether no serialization holds the state machine (polls the snapshot thread).
+    fn serialization_done(&mut self) -> bool {
+        let Some(rx) = &self.serializing else {
+            return true;
+        };
+        match rx.try_recv() {
+            Err(std::sync::mpsc::TryRecvError::Empty) => false,
+            // Captured, or the job was dropped (thread gone): either way it is over.
+            Ok(()) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                self.serializing = None;
+                true
+            }
+        }
+    }
+
+    /// Blocks until a running serialization has captured the state machine.
+    fn wait_serialized(&mut self) {
+        if let Some(rx) = self.serializing.take() {
+            let t = Instant::now();
+            let _ = rx.recv();
+            tracing::debug!(
+                node = self.id,
+                group = self.group,
+                "waited {:?} for a snapshot serialization",
+                t.elapsed()
+            );
+        }
+    }
+
+    /// Applies every held-back entry. Only when no serialization is running.
+    fn apply_backlog_now(&mut self) {
+        debug_assert!(self.serializing.is_none());
+        while let Some(e) = self.apply_backlog.pop_front() {
+            self.apply_entry(e.index, e.term, e.kind, &e.data);
+        }
+    }
+
+    /// Applies `e` now, or holds it back while the snapshot thread serializes the state
+    /// machine (the snapshot must be the state at its index exactly). A full backlog
+    /// waits for the serialization instead of growing.
+    fn apply_or_defer(&mut self, e: Entry) {
+        if !self.serialization_done() {
+            if self.apply_backlog.len() < APPLY_BACKLOG_MAX {
+                self.apply_backlog.push_back(e);
+                return;
+            }
+            self.wait_serialized();
+        }
+        self.apply_backlog_now();
+        self.apply_entry(e.index, e.term, e.kind, &e.data);
+    }
+
+    /// Once a serialization is over, applies what it held back and releases what waited.
+    fn resume_apply(&mut self) {
+        if self.apply_backlog.is_empty() || !self.serialization_done() {
+            return;
+        }
+        self.apply_backlog_now();
+        self.release_reads();
+        self.release_members();
     }
 
     fn send_consensus(&self, out: Outgoing<R::Message>) {
@@ -1623,65 +1710,80 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
     }
 
     /// Takes a snapshot of the state machine every `snapshot_every` applied entries. With a
-    /// file store the snapshot is only serialized here and written by the snapshot thread
-    /// (see [`Driver::on_snapshot_written`]), so a large state does not stall this loop's
-    /// heartbeats and fsyncs while it goes to disk.
+    /// file store the snapshot thread both serializes it (holding the state machine's lock,
+    /// while this loop holds committed entries back instead of applying them) and writes it
+    /// (see [`Driver::on_snapshot_written`]), so a large state stalls neither this loop's
+    /// heartbeats and fsyncs nor its acknowledgements: serializing a million keys takes
+    /// about a second, longer than an election timeout's worth of missed heartbeats.
     fn maybe_snapshot(&mut self) -> Result<(), String> {
-        if self.applied < self.next_snapshot_at || self.snapshot_in_flight.is_some() {
+        if self.applied < self.next_snapshot_at
+            || self.snapshot_in_flight.is_some()
+            || !self.apply_backlog.is_empty()
+        {
             return Ok(());
         }
         self.next_snapshot_at = self.applied + self.snapshot_every;
         let t = Instant::now();
-        let sm_data = self.sm.lock().expect("sm lock").snapshot();
-        let data = wrap_snapshot(&self.members.lock().expect("members"), &sm_data);
-        drop(sm_data);
-        let snap = Snapshot {
-            meta: SnapshotMeta {
-                index: self.applied,
-                term: self.applied_term,
-                // The membership as of `applied`, not the newest one: a change appended
-                // but not yet committed must not reach the snapshot file.
-                conf: self.replica.conf_at(self.applied),
-            },
-            data,
+        let meta = SnapshotMeta {
+            index: self.applied,
+            term: self.applied_term,
+            // The membership as of `applied`, not the newest one: a change appended but
+            // not yet committed must not reach the snapshot file.
+            conf: self.replica.conf_at(self.applied),
         };
-        if let Some(tx) = &self.snap_writer {
-            let index = snap.meta.index;
-            match tx.try_send(snap) {
+        let members = self.members.lock().expect("members").clone();
+        let sm = self.sm.clone();
+        let (captured_tx, captured_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let job: SnapshotJob = Box::new(move || {
+            let sm_data = sm.lock().expect("sm lock").snapshot();
+            // The state is captured: the group may apply again while we wrap and write.
+            let _ = captured_tx.send(());
+            Snapshot {
+                meta,
+                data: wrap_snapshot(&members, &sm_data),
+            }
+        });
+        let index = self.applied;
+        let job = match &self.snap_writer {
+            Some(tx) => match tx.try_send(job) {
                 Ok(()) => {
+                    // Nothing is applied until the thread has the state (see `apply_or_defer`).
+                    self.serializing = Some(captured_rx);
                     self.snapshot_in_flight = Some(index);
                     tracing::debug!(
                         node = self.id,
                         group = self.group,
                         index,
-                        "snapshot serialized in {:?}; writing it off-thread",
-                        t.elapsed()
+                        "snapshot handed to the snapshot thread"
                     );
+                    return Ok(());
                 }
-                Err(std::sync::mpsc::TrySendError::Full(_)) => tracing::warn!(
-                    node = self.id,
-                    group = self.group,
-                    index,
-                    "snapshot writer busy; skipping this snapshot"
-                ),
-                Err(std::sync::mpsc::TrySendError::Disconnected(snap)) => {
+                Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                    tracing::warn!(
+                        node = self.id,
+                        group = self.group,
+                        index,
+                        "snapshot writer busy; skipping this snapshot"
+                    );
+                    return Ok(());
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(job)) => {
                     tracing::error!(
                         node = self.id,
                         group = self.group,
                         "snapshot thread ended; writing snapshots on the group thread"
                     );
                     self.snap_writer = None;
-                    self.store
-                        .install_snapshot(&snap)
-                        .map_err(|e| format!("saving snapshot at {index}: {e}"))?;
-                    self.snapshot_taken(snap, t);
+                    job
                 }
-            }
-            return Ok(());
-        }
+            },
+            None => job,
+        };
+        // No snapshot thread (in-memory stores, or it died): serialize and write here.
+        let snap = job();
         self.store
             .install_snapshot(&snap)
-            .map_err(|e| format!("saving snapshot at {}: {e}", self.applied))?;
+            .map_err(|e| format!("saving snapshot at {index}: {e}"))?;
         self.snapshot_taken(snap, t);
         Ok(())
     }
