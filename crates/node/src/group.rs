@@ -76,6 +76,12 @@ fn prepare_payload<SM: StateMachine>(payload: &[u8]) -> Option<Vec<u8>> {
     ))
 }
 
+/// Whether a `Member` entry's body is its sender describing itself (the only member entry
+/// a follower may forward; adds are proposed by the leader).
+fn is_self_publish(body: &[u8], from: NodeId) -> bool {
+    serde_json::from_slice::<MemberInfo>(body).is_ok_and(|m| m.id == from)
+}
+
 /// Why a request failed. Each is a normal outcome. Serialisable because a leader sends
 /// the outcome of a forwarded membership change back to the member that forwarded it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,6 +346,9 @@ where
     let recovered = store
         .recover()
         .map_err(|e| format!("group {group}: recovering storage: {e}"))?;
+    // What this node says about itself (name, client address), published through the log
+    // until every member's table shows it (see `Driver::publish_self`).
+    let own_info = members.get(&config.id).cloned();
     let mut snapshot_index = 0;
     if let Some(snap) = &recovered.snapshot {
         let (m, data) = unwrap_snapshot(&snap.data)
@@ -435,6 +444,7 @@ where
         members,
         metrics,
         last_progress: Instant::now(),
+        own_info,
         ticks: 0,
         next_expire_scan: EXPIRE_SCAN_TICKS,
     };
@@ -659,12 +669,17 @@ struct Driver<R: Replica, SM: StateMachine> {
     members: Arc<Mutex<BTreeMap<NodeId, MemberInfo>>>,
     metrics: Arc<GroupMetrics>,
     last_progress: Instant,
+    /// This node's own name and client address, until its publish of this incarnation is
+    /// applied (then `None`).
+    own_info: Option<MemberInfo>,
     ticks: u64,
     next_expire_scan: u64,
 }
 
 /// Ticks between scans for timed-out requests.
 const EXPIRE_SCAN_TICKS: u64 = 10;
+/// Ticks between attempts to publish this node's own name and client address.
+const PUBLISH_EVERY_TICKS: u64 = 50;
 /// Most membership-change requests waiting at once (each of: proposed by this leader,
 /// forwarded by this follower, waiting for the local apply).
 const CONF_WAITERS_MAX: usize = 16;
@@ -767,6 +782,39 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         if self.ticks >= self.next_expire_scan {
             self.next_expire_scan = self.ticks + EXPIRE_SCAN_TICKS;
             self.expire();
+        }
+        if self.ticks.is_multiple_of(PUBLISH_EVERY_TICKS) {
+            self.publish_self();
+        }
+    }
+
+    /// Like etcd's member publish: a node proposes its own name and client address (a
+    /// `Member` entry with itself as origin) until it sees that entry of this incarnation
+    /// applied (once per start: its own table always shows its config, the others' do
+    /// not), so a member added at run time (whose entry starts with only its
+    /// peer address) and members of a `concord start` cluster (which know only each
+    /// other's peer addresses) appear in `member list` with their client URLs. Retried
+    /// every `PUBLISH_EVERY_TICKS` until applied; a lost attempt costs nothing.
+    fn publish_self(&mut self) {
+        let Some(own) = &self.own_info else {
+            return;
+        };
+        let st = self.replica.status();
+        if st.leader == NO_NODE || !st.conf.all_nodes().contains(&self.id) {
+            return;
+        }
+        let body = serde_json::to_vec(own).expect("member serialises");
+        let data = envelope::encode(EnvelopeKind::Member, self.id, self.incarnation, 0, &body);
+        if st.leader == self.id {
+            let _ = self.replica.propose(data);
+        } else {
+            self.transport.send(Frame {
+                group: self.group,
+                from: self.id,
+                to: st.leader,
+                kind: FrameKind::Forward,
+                payload: Bytes::from(data),
+            });
         }
     }
 
@@ -1356,7 +1404,10 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 .map(|e| envelope::encode_nack(e.incarnation, e.seq, code))
         };
         let code = match envelope::decode(payload) {
-            Ok(e) if e.origin == from && e.kind == EnvelopeKind::Command => {
+            Ok(e)
+                if e.origin == from
+                    && (e.kind == EnvelopeKind::Command || is_self_publish(e.body, from)) =>
+            {
                 let data = prepare_payload::<SM>(payload).unwrap_or_else(|| payload.to_vec());
                 match self.replica.propose(data) {
                     Ok(()) => return,
@@ -1642,6 +1693,19 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 Ok(env) => {
                     debug_assert_eq!(env.kind, EnvelopeKind::Member);
                     match serde_json::from_slice::<MemberInfo>(env.body) {
+                        // A member publishing itself: only its name and client address
+                        // change, and only while it is in the table (a removed member's
+                        // late publish does not bring it back).
+                        Ok(m) if m.id == env.origin => {
+                            if m.id == self.id && env.incarnation == self.incarnation {
+                                self.own_info = None;
+                            }
+                            let mut all = self.members.lock().expect("members");
+                            if let Some(e) = all.get_mut(&m.id) {
+                                e.name = m.name;
+                                e.client_addr = m.client_addr;
+                            }
+                        }
                         Ok(m) => {
                             let mut all = self.members.lock().expect("members").clone();
                             all.insert(m.id, m);

@@ -97,6 +97,33 @@ async fn exercise(engine: Engine, base: u16) {
             n.config.id
         );
     }
+    // Each node knew only the others' peer addresses at start; each publishes its own
+    // name and client address through the log, so every member table shows all three.
+    let want: Vec<(u64, String)> = nodes
+        .iter()
+        .map(|n| (n.config.id, n.config.listen_client.to_string()))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for n in &nodes {
+        loop {
+            let got: Vec<(u64, String)> =
+                n.kv.members
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .map(|m| (m.id, m.client_addr.clone()))
+                    .collect();
+            if got == want {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{engine:?}: node {} member table {got:?}, want {want:?}",
+                n.config.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     // Snapshots were taken (every 20 entries) without disturbing service.
     assert!(nodes.iter().all(|n| n.kv.status().snapshot_index >= 20));
     // Stop the leader; the others elect a new one and keep serving.
