@@ -139,9 +139,16 @@ impl FaultyStore {
         files.sort();
         // (file, record offset, record length, record) of every intact durable record.
         let mut records = Vec::new();
-        for (fi, (_, bytes)) in files.iter().enumerate() {
+        for (fi, (path, bytes)) in files.iter().enumerate() {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let Some(seq) = name.as_deref().and_then(crate::wal::segment_seq) else {
+                continue;
+            };
+            let salt = record::segment_salt(seq);
             let mut at = 0;
-            while let Ok((rec, n)) = record::decode(&bytes[at..]) {
+            // Up to the first record that does not validate: a recycled file's stale
+            // bytes of an earlier life follow its records.
+            while let Ok((rec, n)) = record::decode(&bytes[at..], salt) {
                 records.push((fi, at, n, rec));
                 at += n;
             }
@@ -355,7 +362,9 @@ mod tests {
                 .expect("a segment");
             // Find the last entry record.
             let (mut at, mut last_entry) = (0, None);
-            while let Ok((rec, n)) = record::decode(&bytes[at..]) {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let salt = record::segment_salt(crate::wal::segment_seq(&name).unwrap());
+            while let Ok((rec, n)) = record::decode(&bytes[at..], salt) {
                 if matches!(rec, Record::Entry(_) | Record::Entries(_)) {
                     last_entry = Some(at);
                 }

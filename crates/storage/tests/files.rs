@@ -56,12 +56,18 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The checksum salt of a segment file's records, from the seq in its name.
+fn salt_of(path: &Path) -> u32 {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    record::segment_salt(concord_storage::wal::segment_seq(&name).expect("a segment name"))
+}
+
 /// Offsets of the records in a segment file.
 fn record_offsets(path: &Path) -> Vec<usize> {
     let bytes = fs::read(path).unwrap();
     let mut at = 0;
     let mut v = Vec::new();
-    while let Ok((_, n)) = record::decode(&bytes[at..]) {
+    while let Ok((_, n)) = record::decode(&bytes[at..], salt_of(path)) {
         v.push(at);
         at += n;
     }
@@ -227,7 +233,7 @@ fn damage_to_the_last_synced_hard_state_is_corruption() {
         .iter()
         .rfind(|&&at| {
             matches!(
-                concord_storage::record::decode(&bytes[at..]),
+                concord_storage::record::decode(&bytes[at..], salt_of(&seg)),
                 Ok((concord_storage::record::Record::HardState(_), _))
             )
         })
@@ -520,7 +526,7 @@ fn a_segment_rolls_before_an_append_that_does_not_fit() {
         let bytes = fs::read(seg).unwrap();
         let kinds: Vec<record::Record> = record_offsets(seg)
             .into_iter()
-            .map(|at| record::decode(&bytes[at..]).unwrap().0)
+            .map(|at| record::decode(&bytes[at..], salt_of(seg)).unwrap().0)
             .collect();
         assert_eq!(kinds.len(), if k == 0 { 4 } else { 3 }, "{name}: {kinds:?}");
         assert!(
@@ -580,7 +586,7 @@ fn large_entries_are_written_without_a_copy_and_read_back() {
     let first_of_last_append = *offsets
         .iter()
         .find(|&&at| {
-            matches!(record::decode(&bytes[at..]), Ok((record::Record::Entries(v), _)) if v[0].index == 901)
+            matches!(record::decode(&bytes[at..], salt_of(&seg)), Ok((record::Record::Entries(v), _)) if v[0].index == 901)
         })
         .expect("an entries record starting at 901");
     fs::OpenOptions::new()
