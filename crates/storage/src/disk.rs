@@ -71,7 +71,11 @@ impl StdDisk {
             if self.open.len() >= OPEN_FILES_MAX {
                 self.open.clear();
             }
-            let f = OpenOptions::new().create(true).write(true).open(path)?;
+            let f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(path)?;
             self.open.insert(path.to_path_buf(), f);
         }
         Ok(self.open.get_mut(path).expect("inserted above"))

@@ -245,6 +245,8 @@ pub struct Wal<D: Disk = StdDisk> {
     spares: Vec<(u64, PathBuf)>,
     /// Bytes handed to the disk since opening (for benchmarks and metrics).
     bytes_written: u64,
+    /// Segments started in a reused spare file since opening (for tests and metrics).
+    segments_recycled: u64,
     /// Encoded records for the active segment not yet handed to the OS.
     pending: Vec<u8>,
     /// The log holds `(base, last]`; `base` is the compaction point with term `base_term`.
@@ -316,6 +318,7 @@ impl<D: Disk> Wal<D> {
             segments: Vec::new(),
             spares: Vec::new(),
             bytes_written: 0,
+            segments_recycled: 0,
             pending: Vec::new(),
             base: 0,
             base_term: 0,
@@ -396,6 +399,11 @@ impl<D: Disk> Wal<D> {
     /// Number of spare segment files waiting to be reused (for tests and metrics).
     pub fn spare_count(&self) -> usize {
         self.spares.len()
+    }
+
+    /// Segments started in a reused spare file since opening.
+    pub fn segments_recycled(&self) -> u64 {
+        self.segments_recycled
     }
 
     /// Bytes handed to the disk since opening: records, padding, everything.
@@ -589,6 +597,7 @@ impl<D: Disk> Wal<D> {
                 return Err(self.fail(io_err(&spare, e)));
             }
             seg.recycled = true;
+            self.segments_recycled += 1;
             self.dir_dirty = true;
             self.fsync_dir()?;
         }
@@ -767,6 +776,7 @@ impl<D: Disk> Wal<D> {
             batch: None,
         };
         let count = names.len();
+        let mut newest_has_hard_state = false;
         for (pos, (seq, first_index, name)) in names.into_iter().enumerate() {
             let path = wal_dir.join(&name);
             let is_last = pos + 1 == count;
@@ -776,6 +786,7 @@ impl<D: Disk> Wal<D> {
             let mut at = 0usize;
             // Whether the last record kept so far is a sync marker.
             let mut marked = false;
+            let mut has_hard_state = false;
             while at < buf.len() {
                 let rec_at = at as u64;
                 let rec = match record::decode(&buf[at..], salt) {
@@ -812,6 +823,7 @@ impl<D: Disk> Wal<D> {
                     }
                 };
                 marked = matches!(rec, Record::SyncMark { .. });
+                has_hard_state |= matches!(rec, Record::HardState(_));
                 self.replay_record(&mut rp, &mut seg, rec, pos, &path, rec_at)?;
                 seg.bytes = at as u64;
             }
@@ -856,6 +868,7 @@ impl<D: Disk> Wal<D> {
             }
             seg.marked_bytes = seg.bytes;
             seg.flushed = seg.bytes;
+            newest_has_hard_state = has_hard_state;
             self.segments.push(seg);
         }
 
@@ -914,6 +927,16 @@ impl<D: Disk> Wal<D> {
             if self.terms.last().map(|&(_, t)| t) != Some(e.term) {
                 self.terms.push((e.index, e.term));
             }
+        }
+        if !self.segments.is_empty()
+            && !newest_has_hard_state
+            && self.hard_state != HardState::default()
+        {
+            // A segment's second record is the hard state, so that the segments before it
+            // can be deleted; a crash can cut the newest one right after its start record
+            // (and in a recycled file, stale bytes may even complete a torn start record).
+            let hs = self.hard_state;
+            self.put(&Record::HardState(hs))?;
         }
         if let Some((index, term, keep_log)) = catch_up {
             // Log what the snapshot implies, so the next replay need not repeat this.
