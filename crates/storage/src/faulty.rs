@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 /// Segment size used by default in the simulator: small, so that rolling and segment
 /// deletion happen in ordinary runs.
-pub const SIM_SEGMENT_BYTES_MAX: u64 = 64 << 10;
+pub const SIM_SEGMENT_BYTES_MAX: u64 = 4 << 10;
 
 const SIM_DATA_DIR: &str = "/concord";
 

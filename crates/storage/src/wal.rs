@@ -600,9 +600,11 @@ impl<D: Disk> Wal<D> {
             self.segments_recycled += 1;
             self.dir_dirty = true;
             self.fsync_dir()?;
+        } else {
+            // A new file: its name is made durable by the next sync's directory fsync.
+            self.dir_dirty = true;
         }
         self.segments.push(seg);
-        self.dir_dirty = true;
         self.put(&Record::SegmentStart {
             seq,
             prev_index,
