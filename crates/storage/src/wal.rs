@@ -813,7 +813,7 @@ impl<D: Disk> Wal<D> {
                         // recycled file's earlier life and zeros hold no such marker.
                         let torn = is_last
                             && !matches!(err, DecodeError::Malformed(_))
-                            && !(at + 1..buf.len()).any(|p| record::sync_mark_at(&buf, p, salt));
+                            && record::find_sync_mark(&buf, at + 1, salt).is_none();
                         if !torn {
                             return Err(Self::corrupt(&path, at as u64, err.to_string()));
                         }
