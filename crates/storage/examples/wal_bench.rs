@@ -3,7 +3,8 @@
 //! ```text
 //! cargo run --release -p concord-storage --example wal_bench -- --dir /tmp/walbench
 //!     [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync]
-//!     [--records 128,1024,16384] [--batches 1,8,64,256,1024] [--rounds 1]
+//!     [--records 128,1024,16384] [--batches 1,8,64,256,1024] [--rounds 1] [--overwrite-ref]
+//!     [--scan-cost]
 //! ```
 //!
 //! For each record size (128 B, 1 KiB, 16 KiB) and batch size (1, 8, 64, 256, 1024):
@@ -34,6 +35,10 @@
 //! first: `--cell-ms` (both sides together), `--cell-batches` per side, `--cell-mib`
 //! written by both together.
 //!
+//! `--overwrite-ref` adds a third loop to every cell: the same `write` + `fdatasync`, but
+//! positional, over a 64 MiB file written once before (wrapping around), i.e. the disk's
+//! limit for overwrites, which is what the recycled WAL mostly does.
+//!
 //! `--scan-cost` instead measures what recovery pays for a recycled newest segment: the
 //! scan for a sync marker of the current seq over 64 MiB of stale records, and a whole
 //! reopen of a WAL whose newest segment is a recycled 64 MiB file.
@@ -59,6 +64,46 @@ struct Limits {
     bytes: u64,
     /// `--zero-copy-min`: overrides `ZERO_COPY_MIN_BYTES`, to compare the two write paths.
     zero_copy_min: Option<usize>,
+}
+
+/// Size of the `--overwrite-ref` file: written once, then overwritten round and round.
+const OVERWRITE_FILE_BYTES: u64 = 64 << 20;
+
+/// `--overwrite-ref`: a third loop, `pwrite` of the same buffer over a file whose blocks
+/// were all written before (wrapping around), then `fdatasync`: the limit of the disk for
+/// overwrites, which is what the recycled WAL does; shown for candour next to `raw`.
+struct Overwrite {
+    file: fs::File,
+    at: u64,
+}
+
+impl Overwrite {
+    fn create(path: &Path) -> std::io::Result<Self> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path)?;
+        let chunk = vec![0x5Au8; 1 << 20];
+        for _ in 0..OVERWRITE_FILE_BYTES >> 20 {
+            file.write_all(&chunk)?;
+        }
+        file.sync_all()?;
+        Ok(Overwrite { file, at: 0 })
+    }
+
+    fn write(&mut self, buf: &[u8], sync: bool) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.at + buf.len() as u64 > OVERWRITE_FILE_BYTES {
+            self.at = 0;
+        }
+        self.file.write_all_at(buf, self.at)?;
+        self.at += buf.len() as u64;
+        if sync {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
 }
 
 struct Cell {
@@ -171,7 +216,8 @@ fn cell(
     size: usize,
     batch: usize,
     l: &Limits,
-) -> Result<(Cell, Cell, u64), Box<dyn std::error::Error>> {
+    mut overwrite: Option<&mut Overwrite>,
+) -> Result<(Cell, Cell, u64, Cell), Box<dyn std::error::Error>> {
     let raw_path = dir.join(format!("raw-{size}-{batch}"));
     let _ = fs::remove_file(&raw_path);
     let mut f = OpenOptions::new()
@@ -193,12 +239,22 @@ fn cell(
     let raw_bytes_at_start = buf.len() as u64;
     let wal_bytes_at_start = node.wal.bytes_written();
 
-    let (mut raw, mut wal) = (Cell::new(), Cell::new());
+    let (mut raw, mut wal, mut ovw) = (Cell::new(), Cell::new(), Cell::new());
+    if let Some(o) = overwrite.as_deref_mut() {
+        o.write(&buf, !l.no_fsync)?;
+    }
+    let sides = if overwrite.is_some() { 3 } else { 2 };
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < l.cell && n < l.batches && raw.bytes + wal.bytes < l.bytes {
-        for side in [n % 2, (n + 1) % 2] {
-            if side == 0 {
+        for k in 0..sides {
+            let side = (n + k) % sides;
+            if side == 2 {
+                let o = overwrite.as_deref_mut().expect("three sides only with it");
+                let t = Instant::now();
+                o.write(&buf, !l.no_fsync)?;
+                ovw.record(t.elapsed(), buf.len() as u64);
+            } else if side == 0 {
                 let t = Instant::now();
                 f.write_all(&buf)?;
                 if !l.no_fsync {
@@ -219,7 +275,7 @@ fn cell(
     drop(f);
     let wal_bytes = node.wal.bytes_written() - wal_bytes_at_start;
     fs::remove_file(&raw_path)?;
-    Ok((raw, wal, wal_bytes))
+    Ok((raw, wal, wal_bytes, ovw))
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -232,7 +288,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let Some(dir) = arg(&args, "--dir").map(PathBuf::from) else {
         eprintln!(
-            "usage: wal_bench --dir DIR [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync] [--records 128,1024,16384] [--batches 1,8,64,256,1024] [--rounds 1]"
+            "usage: wal_bench --dir DIR [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync] [--records 128,1024,16384] [--batches 1,8,64,256,1024] [--rounds 1] [--overwrite-ref] [--scan-cost]"
         );
         std::process::exit(2);
     };
@@ -274,22 +330,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bytes: limits.bytes.div_ceil(rounds),
         zero_copy_min: limits.zero_copy_min,
     };
-    // Per cell: raw, WAL, WAL on-disk bytes, and the WAL/raw ratio of each round.
-    let mut cells: Vec<(usize, usize, Cell, Cell, u64, Vec<f64>)> = Vec::new();
+    // Per cell: raw, WAL, WAL on-disk bytes, the WAL/raw ratio of each round, overwrite.
+    type Row = (usize, usize, Cell, Cell, u64, Vec<f64>, Cell);
+    let mut cells: Vec<Row> = Vec::new();
     for &size in &sizes {
         for &batch in &batches {
-            cells.push((size, batch, Cell::new(), Cell::new(), 0, Vec::new()));
+            cells.push((
+                size,
+                batch,
+                Cell::new(),
+                Cell::new(),
+                0,
+                Vec::new(),
+                Cell::new(),
+            ));
         }
     }
+    let overwrite_path = dir.join("overwrite-ref");
+    let mut overwrite = if args.iter().any(|a| a == "--overwrite-ref") {
+        Some(Overwrite::create(&overwrite_path)?)
+    } else {
+        None
+    };
     let mut node = Node::steady(&dir.join("wal"), limits.no_fsync)?;
     let recycled_at_start = node.wal.segments_recycled();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
-        for (size, batch, raw, wal, disk, ratios) in cells.iter_mut() {
-            let (r, w, d) = cell(&dir, &mut node, *size, *batch, &per_round)?;
+        for (size, batch, raw, wal, disk, ratios, ovw) in cells.iter_mut() {
+            let (r, w, d, o) = cell(
+                &dir,
+                &mut node,
+                *size,
+                *batch,
+                &per_round,
+                overwrite.as_mut(),
+            )?;
             ratios.push(100.0 * w.mb_s() / r.mb_s());
             raw.add(&r);
             wal.add(&w);
+            ovw.add(&o);
             *disk += d;
         }
     }
@@ -300,11 +379,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     drop(node);
     let _ = fs::remove_dir_all(dir.join("wal"));
+    let with_overwrite = overwrite.is_some();
+    if with_overwrite {
+        drop(overwrite);
+        fs::remove_file(&overwrite_path)?;
+    }
+    let (extra_head, extra_rule) = if with_overwrite {
+        (
+            " overwrite MB/s | overwrite p50 ms | WAL % of overwrite |",
+            "---:|---:|---:|",
+        )
+    } else {
+        ("", "")
+    };
     println!(
-        "| record | batch | WAL MB/s | WAL p50 ms | WAL p99 ms | raw MB/s | raw p50 ms | raw p99 ms | WAL % of raw | per round min–max | WAL on-disk MB/s |"
+        "| record | batch | WAL MB/s | WAL p50 ms | WAL p99 ms | raw MB/s | raw p50 ms | raw p99 ms | WAL % of raw | per round min–max | WAL on-disk MB/s |{extra_head}"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (size, batch, r, w, wal_disk_bytes, ratios) in &cells {
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{extra_rule}");
+    for (size, batch, r, w, wal_disk_bytes, ratios, o) in &cells {
         let size_label = if *size >= 1024 {
             format!("{} KiB", size / 1024)
         } else {
@@ -312,8 +404,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ratios.iter().copied().fold(0.0, f64::max);
+        let extra = if with_overwrite {
+            format!(
+                " {:.1} | {:.3} | {:.0}% |",
+                o.mb_s(),
+                o.p(0.5),
+                100.0 * w.mb_s() / o.mb_s()
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "| {size_label} | {batch} | {:.1} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.0}% | {lo:.0}–{hi:.0}% | {:.1} |",
+            "| {size_label} | {batch} | {:.1} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.0}% | {lo:.0}–{hi:.0}% | {:.1} |{extra}",
             w.mb_s(),
             w.p(0.5),
             w.p(0.99),
