@@ -3,14 +3,15 @@
 //! [`StdDisk`] is the real file system. [`SimDisk`] is an in-memory disk that, like a real
 //! one, keeps what was written apart from what is durable: file contents become durable
 //! on `sync_file`, and names (creations, renames, removals) on `sync_dir`. A simulated
-//! crash keeps only the durable state (optionally plus a prefix of each file's unsynced
-//! bytes, a torn write). `FaultyStore` and the crash tests run the real WAL code on it.
+//! crash keeps only the durable state (optionally plus a prefix, in write order, of each
+//! file's unsynced writes, a torn write): unsynced bytes that overwrote older ones revert
+//! to the older bytes. `FaultyStore` and the crash tests run the real WAL code on it.
 //!
 //! Paths are plain; a directory is just a path prefix for `SimDisk`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 pub trait Disk {
@@ -22,6 +23,13 @@ pub trait Disk {
     fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()>;
     /// Appends the concatenation of `parts` as one operation (`writev` on a real disk).
     fn append_parts(&mut self, path: &Path, parts: &[&[u8]]) -> io::Result<()>;
+    /// Writes `data` at byte `offset` of the file, creating it if missing, overwriting
+    /// what is there and extending it if need be. `offset` must not lie beyond the end of
+    /// the file (no holes). Written, not durable: until `sync_file`, a crash may leave
+    /// the overwritten bytes as they were before.
+    fn write_at(&mut self, path: &Path, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// `write_at` of the concatenation of `parts`, as one operation (`writev`).
+    fn write_parts_at(&mut self, path: &Path, offset: u64, parts: &[&[u8]]) -> io::Result<()>;
     /// Makes the file's contents durable (`fdatasync`). Its name needs `sync_dir`.
     fn sync_file(&mut self, path: &Path) -> io::Result<()>;
     /// Cuts the file to `len` bytes and makes that durable.
@@ -45,7 +53,9 @@ const OPEN_FILES_MAX: usize = 8;
 /// Buffers per `writev` call: Linux's `IOV_MAX`; longer lists take several calls.
 const WRITEV_BUFFERS_MAX: usize = 1024;
 
-/// The real file system. Keeps appended-to files open so a hot append is one `write`.
+/// The real file system. Keeps written-to files open so a hot write is one `write` (plus
+/// an `lseek`). Files are opened without `O_APPEND`, under which Linux would ignore the
+/// offset of a positional write.
 #[derive(Default)]
 pub struct StdDisk {
     open: HashMap<PathBuf, File>,
@@ -61,11 +71,41 @@ impl StdDisk {
             if self.open.len() >= OPEN_FILES_MAX {
                 self.open.clear();
             }
-            let f = OpenOptions::new().create(true).append(true).open(path)?;
+            let f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(path)?;
             self.open.insert(path.to_path_buf(), f);
         }
         Ok(self.open.get_mut(path).expect("inserted above"))
     }
+}
+
+/// Writes the concatenation of `parts` at the file's position, in as few `writev` calls
+/// as `WRITEV_BUFFERS_MAX` allows.
+fn write_parts(f: &mut File, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = rest.len().min(WRITEV_BUFFERS_MAX);
+        match f.write_vectored(&rest[..n]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "writev wrote nothing",
+                ))
+            }
+            Ok(k) => IoSlice::advance_slices(&mut rest, k),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Disk for StdDisk {
@@ -95,32 +135,27 @@ impl Disk for StdDisk {
     }
 
     fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()> {
-        self.handle(path)?.write_all(data)
+        let f = self.handle(path)?;
+        f.seek(SeekFrom::End(0))?;
+        f.write_all(data)
     }
 
     fn append_parts(&mut self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
         let f = self.handle(path)?;
-        let mut slices: Vec<IoSlice<'_>> = parts
-            .iter()
-            .filter(|p| !p.is_empty())
-            .map(|p| IoSlice::new(p))
-            .collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            let n = rest.len().min(WRITEV_BUFFERS_MAX);
-            match f.write_vectored(&rest[..n]) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "writev wrote nothing",
-                    ))
-                }
-                Ok(k) => IoSlice::advance_slices(&mut rest, k),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        f.seek(SeekFrom::End(0))?;
+        write_parts(f, parts)
+    }
+
+    fn write_at(&mut self, path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+        let f = self.handle(path)?;
+        f.seek(SeekFrom::Start(offset))?;
+        f.write_all(data)
+    }
+
+    fn write_parts_at(&mut self, path: &Path, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
+        let f = self.handle(path)?;
+        f.seek(SeekFrom::Start(offset))?;
+        write_parts(f, parts)
     }
 
     fn sync_file(&mut self, path: &Path) -> io::Result<()> {
@@ -151,9 +186,38 @@ impl Disk for StdDisk {
 
 #[derive(Clone, Debug, Default)]
 struct Inode {
+    /// The contents as a process reads them now: `durable` with `pending` applied.
     data: Vec<u8>,
-    /// `data[..durable_len]` survives a crash.
-    durable_len: usize,
+    /// The contents a crash keeps (apart from a torn prefix of `pending`).
+    durable: Vec<u8>,
+    /// Writes since the last `sync_file`, in order: (offset, bytes).
+    pending: Vec<(usize, Vec<u8>)>,
+}
+
+/// Puts `bytes` at `offset` of `v`, extending it if need be (`offset <= v.len()`).
+fn put_at(v: &mut Vec<u8>, offset: usize, bytes: &[u8]) {
+    assert!(
+        offset <= v.len(),
+        "write at {offset} beyond the end {}",
+        v.len()
+    );
+    let overlap = bytes.len().min(v.len() - offset);
+    v[offset..offset + overlap].copy_from_slice(&bytes[..overlap]);
+    v.extend_from_slice(&bytes[overlap..]);
+}
+
+impl Inode {
+    /// What `sync_file` does: every pending write becomes durable.
+    fn make_durable(&mut self) {
+        for (at, bytes) in self.pending.drain(..) {
+            put_at(&mut self.durable, at, &bytes);
+        }
+        debug_assert!(self.durable == self.data);
+    }
+
+    fn unsynced_bytes(&self) -> usize {
+        self.pending.iter().map(|(_, b)| b.len()).sum()
+    }
 }
 
 /// An in-memory disk that separates written from durable state (see the module doc).
@@ -204,23 +268,28 @@ impl SimDisk {
     pub fn unsynced_bytes(&self) -> u64 {
         self.live
             .values()
-            .map(|i| {
-                let n = &self.inodes[i];
-                (n.data.len() - n.durable_len) as u64
-            })
+            .map(|i| self.inodes[i].unsynced_bytes() as u64)
             .sum()
     }
 
     /// Loses everything not durable: names revert to the last `sync_dir`, contents to the
     /// last `sync_file`, except that up to `torn_tail_bytes` of each file's unsynced bytes
-    /// survive (a prefix, as when a crash interrupts a sequential write).
+    /// survive: a prefix of its unsynced writes in write order, as when a crash interrupts
+    /// sequential writes. Overwritten bytes outside that prefix keep their old contents.
     pub fn crash(&mut self, torn_tail_bytes: u64) {
         self.ops_left = None;
         for n in self.inodes.values_mut() {
-            let keep = (n.data.len() - n.durable_len).min(torn_tail_bytes as usize);
-            n.data.truncate(n.durable_len + keep);
+            let mut budget = torn_tail_bytes as usize;
+            for (at, bytes) in std::mem::take(&mut n.pending) {
+                let keep = budget.min(bytes.len());
+                if keep == 0 {
+                    break;
+                }
+                put_at(&mut n.durable, at, &bytes[..keep]);
+                budget -= keep;
+            }
             // What survived a crash is on the platter now.
-            n.durable_len = n.data.len();
+            n.data = n.durable.clone();
         }
         self.live = self.durable.clone();
         let used: std::collections::BTreeSet<u64> = self.live.values().copied().collect();
@@ -231,10 +300,7 @@ impl SimDisk {
     pub fn durable_files(&self) -> Vec<(PathBuf, &[u8])> {
         self.durable
             .iter()
-            .map(|(p, i)| {
-                let n = &self.inodes[i];
-                (p.clone(), &n.data[..n.durable_len])
-            })
+            .map(|(p, i)| (p.clone(), &self.inodes[i].durable[..]))
             .collect()
     }
 
@@ -246,10 +312,18 @@ impl SimDisk {
             .or_else(|| self.live.get(path))
             .ok_or_else(|| not_found(path))?;
         let n = self.inodes.get_mut(&i).expect("named inode exists");
-        let b = n.data.get_mut(offset).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "offset beyond end of file")
-        })?;
-        *b ^= mask;
+        if offset >= n.data.len().max(n.durable.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "offset beyond end of file",
+            ));
+        }
+        // The medium is damaged: what is read now and what a crash keeps.
+        for v in [&mut n.data, &mut n.durable] {
+            if let Some(b) = v.get_mut(offset) {
+                *b ^= mask;
+            }
+        }
         Ok(())
     }
 
@@ -278,15 +352,8 @@ impl Disk for SimDisk {
     }
 
     fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()> {
-        self.mutate()?;
-        if !self.live.contains_key(path) {
-            let i = self.next_inode;
-            self.next_inode += 1;
-            self.inodes.insert(i, Inode::default());
-            self.live.insert(path.to_path_buf(), i);
-        }
-        self.inode(path)?.data.extend_from_slice(data);
-        Ok(())
+        let len = self.live.get(path).map_or(0, |i| self.inodes[i].data.len());
+        self.write_at(path, len as u64, data)
     }
 
     fn append_parts(&mut self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
@@ -294,18 +361,46 @@ impl Disk for SimDisk {
         self.append(path, &parts.concat())
     }
 
+    fn write_at(&mut self, path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.mutate()?;
+        if !self.live.contains_key(path) {
+            let i = self.next_inode;
+            self.next_inode += 1;
+            self.inodes.insert(i, Inode::default());
+            self.live.insert(path.to_path_buf(), i);
+        }
+        let n = self.inode(path)?;
+        let at = usize::try_from(offset)
+            .ok()
+            .filter(|&at| at <= n.data.len())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("write at {offset} beyond the end of {}", path.display()),
+                )
+            })?;
+        put_at(&mut n.data, at, data);
+        n.pending.push((at, data.to_vec()));
+        Ok(())
+    }
+
+    fn write_parts_at(&mut self, path: &Path, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
+        self.write_at(path, offset, &parts.concat())
+    }
+
     fn sync_file(&mut self, path: &Path) -> io::Result<()> {
         self.mutate()?;
-        let n = self.inode(path)?;
-        n.durable_len = n.data.len();
+        self.inode(path)?.make_durable();
         Ok(())
     }
 
     fn truncate(&mut self, path: &Path, len: u64) -> io::Result<()> {
         self.mutate()?;
+        // Like `set_len` + `fsync` on a real disk: everything in the file is durable after.
         let n = self.inode(path)?;
+        n.make_durable();
         n.data.truncate(len as usize);
-        n.durable_len = n.data.len();
+        n.durable.truncate(len as usize);
         Ok(())
     }
 
@@ -375,5 +470,37 @@ mod tests {
         d.sync_dir(dir).unwrap();
         d.crash(0);
         assert!(d.list_dir(dir).unwrap().is_empty());
+    }
+
+    /// Overwrites: synced ones are durable; unsynced ones revert to the old bytes on a
+    /// crash, except a prefix of them in write order (a torn write).
+    #[test]
+    fn sim_disk_unsynced_overwrites_revert() {
+        let mut d = SimDisk::new();
+        let dir = Path::new("/d");
+        let a = dir.join("a");
+        d.append(&a, b"0123456789").unwrap();
+        d.sync_file(&a).unwrap();
+        d.sync_dir(dir).unwrap();
+        d.write_at(&a, 2, b"ab").unwrap();
+        d.sync_file(&a).unwrap();
+        d.write_at(&a, 6, b"XYZWVU").unwrap();
+        d.write_at(&a, 0, b"!").unwrap();
+        assert_eq!(d.read(&a).unwrap(), b"!1ab45XYZWVU");
+        assert_eq!(d.unsynced_bytes(), 7);
+        let mut keep3 = d.clone();
+        d.crash(0);
+        assert_eq!(d.read(&a).unwrap(), b"01ab456789");
+        keep3.crash(3);
+        assert_eq!(keep3.read(&a).unwrap(), b"01ab45XYZ9");
+        assert!(d.write_at(&a, 11, b"hole").is_err(), "no holes");
+        d.write_parts_at(&a, 10, &[b"x", b"yz"]).unwrap();
+        d.truncate(&a, 11).unwrap();
+        d.crash(0);
+        assert_eq!(
+            d.read(&a).unwrap(),
+            b"01ab456789x",
+            "truncate makes it durable"
+        );
     }
 }

@@ -4,22 +4,41 @@
 //!
 //! ```text
 //! offset size field
-//!      0    4 header_crc   CRC32C of bytes 4..16 (len, type, reserved, payload_crc)
+//!      0    4 header_crc   CRC32C of the segment's seq (8 bytes) then bytes 4..16
 //!      4    4 len          payload length in bytes, at most RECORD_PAYLOAD_MAX_BYTES
 //!      8    1 type         RecordType
 //!      9    3 reserved     zero
-//!     12    4 payload_crc  CRC32C of the payload
+//!     12    4 payload_crc  CRC32C of the segment's seq (8 bytes) then the payload
 //!     16  len payload
 //! ```
 //!
 //! The header has its own checksum so that a damaged length is caught before it is
 //! trusted: otherwise a flipped length bit could make a record in the middle of a segment
 //! look like a torn record at the end, and recovery would cut off good data after it.
+//!
+//! Both checksums are salted with the sequence number of the segment the record is in
+//! ([`segment_salt`]): segment files are recycled (overwritten from offset 0 under a new
+//! seq), and a stale record left from a file's earlier life must not pass for a record of
+//! its current one. The salt is the CRC state after the 8 bytes of `seq`, so a record's
+//! checksum is simply the CRC32C of `seq ‖ bytes`.
 
 use concord_consensus::{Entry, EntryKind, HardState};
 
 /// Size of the fixed record header.
 pub const HEADER_BYTES: usize = 16;
+
+/// The checksum salt of the records of segment `seq`: the CRC32C of `seq` as 8 bytes
+/// little-endian, used as the starting value of both checksums. Distinct seqs below 2^32
+/// always give distinct salts (CRC32C maps a nonzero difference of at most 32 bits to a
+/// nonzero difference), and a record checked under another salt then always fails: with
+/// one byte string, two different start values always give two different checksums.
+pub fn segment_salt(seq: u64) -> u32 {
+    crc32c::crc32c(&seq.to_le_bytes())
+}
+
+/// The salt of the first on-disk format (before segment recycling): plain CRC32C. Only
+/// recovery uses it, to tell an old data directory from a damaged one.
+pub const UNSALTED: u32 = 0;
 
 /// Largest payload a record may carry. Bounds the memory a (possibly corrupt) length
 /// field can make the decoder ask for, and the largest entry the log accepts.
@@ -150,8 +169,8 @@ fn kind_from_u8(b: u8) -> Option<EntryKind> {
 
 /// Appends the framed encoding of an entry to `out` (one copy of `data`, no temporaries).
 /// The caller checks `entry.data.len() <= ENTRY_DATA_MAX_BYTES` first.
-pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry) {
-    encode_entry_borrowing(out, entry, usize::MAX, &mut Vec::new());
+pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry, salt: u32) {
+    encode_entry_borrowing(out, entry, salt, usize::MAX, &mut Vec::new());
 }
 
 /// Entry data left out of an encoding: the record's bytes are `out[..at]`, then `data`,
@@ -168,9 +187,9 @@ struct PayloadCrc {
 }
 
 impl PayloadCrc {
-    fn new(out: &[u8]) -> Self {
+    fn new(out: &[u8], salt: u32) -> Self {
         PayloadCrc {
-            crc: 0,
+            crc: salt,
             from: out.len(),
         }
     }
@@ -206,12 +225,13 @@ impl PayloadCrc {
 pub fn encode_entry_borrowing<'a>(
     out: &mut Vec<u8>,
     entry: &'a Entry,
+    salt: u32,
     borrow_min: usize,
     borrowed: &mut Vec<Borrowed<'a>>,
 ) {
     assert!(entry.data.len() <= ENTRY_DATA_MAX_BYTES);
     let start = begin(out);
-    let mut crc = PayloadCrc::new(out);
+    let mut crc = PayloadCrc::new(out, salt);
     out.extend_from_slice(&entry.index.to_le_bytes());
     out.extend_from_slice(&entry.term.to_le_bytes());
     out.push(kind_to_u8(entry.kind));
@@ -223,6 +243,7 @@ pub fn encode_entry_borrowing<'a>(
         TYPE_ENTRY,
         ENTRY_PREFIX_BYTES + entry.data.len(),
         crc,
+        salt,
     );
 }
 
@@ -277,8 +298,8 @@ fn get_varint(b: &[u8]) -> Result<(u64, usize), String> {
 /// one checksum over the whole payload). The caller guarantees what the record requires:
 /// at least one entry, one term, consecutive indices, a payload within
 /// `RECORD_PAYLOAD_MAX_BYTES`; a violation is a bug and panics.
-pub fn encode_entries(out: &mut Vec<u8>, entries: &[Entry]) {
-    encode_entries_borrowing(out, entries, usize::MAX, &mut Vec::new());
+pub fn encode_entries(out: &mut Vec<u8>, entries: &[Entry], salt: u32) {
+    encode_entries_borrowing(out, entries, salt, usize::MAX, &mut Vec::new());
 }
 
 /// `encode_entries`, except that entry data of at least `borrow_min` bytes is not copied
@@ -286,6 +307,7 @@ pub fn encode_entries(out: &mut Vec<u8>, entries: &[Entry]) {
 pub fn encode_entries_borrowing<'a>(
     out: &mut Vec<u8>,
     entries: &'a [Entry],
+    salt: u32,
     borrow_min: usize,
     borrowed: &mut Vec<Borrowed<'a>>,
 ) {
@@ -293,7 +315,7 @@ pub fn encode_entries_borrowing<'a>(
     let payload = ENTRIES_PREFIX_BYTES + entries.iter().map(entries_item_bytes).sum::<usize>();
     assert!(payload <= RECORD_PAYLOAD_MAX_BYTES);
     let start = begin(out);
-    let mut crc = PayloadCrc::new(out);
+    let mut crc = PayloadCrc::new(out, salt);
     out.extend_from_slice(&first.index.to_le_bytes());
     out.extend_from_slice(&first.term.to_le_bytes());
     for (i, e) in entries.iter().enumerate() {
@@ -302,14 +324,15 @@ pub fn encode_entries_borrowing<'a>(
         crc.put(out, &e.data, borrow_min, borrowed);
     }
     let crc = crc.finish(out);
-    finish_with(out, start, TYPE_ENTRIES, payload, crc);
+    finish_with(out, start, TYPE_ENTRIES, payload, crc, salt);
 }
 
-/// Appends the framed encoding of any record to `out`.
-pub fn encode(out: &mut Vec<u8>, record: &Record) {
+/// Appends the framed encoding of any record to `out`, checksummed with `salt` (the
+/// [`segment_salt`] of the segment it goes into).
+pub fn encode(out: &mut Vec<u8>, record: &Record, salt: u32) {
     match record {
-        Record::Entry(e) => encode_entry(out, e),
-        Record::Entries(v) => encode_entries(out, v),
+        Record::Entry(e) => encode_entry(out, e, salt),
+        Record::Entries(v) => encode_entries(out, v, salt),
         Record::SegmentStart {
             seq,
             prev_index,
@@ -321,42 +344,42 @@ pub fn encode(out: &mut Vec<u8>, record: &Record) {
             out.extend_from_slice(&prev_index.to_le_bytes());
             out.extend_from_slice(&prev_term.to_le_bytes());
             out.push(u8::from(*reset));
-            finish(out, start, TYPE_SEGMENT_START);
+            finish(out, start, TYPE_SEGMENT_START, salt);
         }
         Record::HardState(hs) => {
             let start = begin(out);
             out.extend_from_slice(&hs.term.to_le_bytes());
             out.extend_from_slice(&hs.vote.to_le_bytes());
             out.extend_from_slice(&hs.commit.to_le_bytes());
-            finish(out, start, TYPE_HARD_STATE);
+            finish(out, start, TYPE_HARD_STATE, salt);
         }
         Record::Compact { index, term } => {
             let start = begin(out);
             out.extend_from_slice(&index.to_le_bytes());
             out.extend_from_slice(&term.to_le_bytes());
-            finish(out, start, TYPE_COMPACT);
+            finish(out, start, TYPE_COMPACT, salt);
         }
         Record::BatchBegin { first_index, count } => {
             let start = begin(out);
             out.extend_from_slice(&first_index.to_le_bytes());
             out.extend_from_slice(&count.to_le_bytes());
-            finish(out, start, TYPE_BATCH_BEGIN);
+            finish(out, start, TYPE_BATCH_BEGIN, salt);
         }
         Record::SyncMark { offset, padding } => {
             let start = begin(out);
             out.extend_from_slice(&offset.to_le_bytes());
             out.resize(out.len() + usize::from(*padding), 0);
-            finish(out, start, TYPE_SYNC_MARK);
+            finish(out, start, TYPE_SYNC_MARK, salt);
         }
     }
 }
 
 /// Frames an arbitrary payload under any type byte, with correct checksums. For fuzzing
 /// and tests: it lets them reach the payload parsing behind the checksums.
-pub fn frame_raw(out: &mut Vec<u8>, ty: u8, payload: &[u8]) {
+pub fn frame_raw(out: &mut Vec<u8>, ty: u8, payload: &[u8], salt: u32) {
     let start = begin(out);
     out.extend_from_slice(&payload[..payload.len().min(RECORD_PAYLOAD_MAX_BYTES)]);
-    finish(out, start, ty);
+    finish(out, start, ty, salt);
 }
 
 fn begin(out: &mut Vec<u8>) -> usize {
@@ -365,22 +388,29 @@ fn begin(out: &mut Vec<u8>) -> usize {
     start
 }
 
-fn finish(out: &mut [u8], start: usize, ty: u8) {
+fn finish(out: &mut [u8], start: usize, ty: u8, salt: u32) {
     let payload_len = out.len() - start - HEADER_BYTES;
-    let payload_crc = crc32c::crc32c(&out[start + HEADER_BYTES..]);
-    finish_with(out, start, ty, payload_len, payload_crc);
+    let payload_crc = crc32c::crc32c_append(salt, &out[start + HEADER_BYTES..]);
+    finish_with(out, start, ty, payload_len, payload_crc, salt);
 }
 
 /// Fills in the header of the record begun at `start`, whose payload (partly borrowed,
 /// perhaps) has `payload_len` bytes with checksum `payload_crc`.
-fn finish_with(out: &mut [u8], start: usize, ty: u8, payload_len: usize, payload_crc: u32) {
+fn finish_with(
+    out: &mut [u8],
+    start: usize,
+    ty: u8,
+    payload_len: usize,
+    payload_crc: u32,
+    salt: u32,
+) {
     assert!(payload_len <= RECORD_PAYLOAD_MAX_BYTES);
     let h = &mut out[start..start + HEADER_BYTES];
     h[4..8].copy_from_slice(&(payload_len as u32).to_le_bytes());
     h[8] = ty;
     h[9..12].copy_from_slice(&[0, 0, 0]);
     h[12..16].copy_from_slice(&payload_crc.to_le_bytes());
-    let header_crc = crc32c::crc32c(&h[4..16]);
+    let header_crc = crc32c::crc32c_append(salt, &h[4..16]);
     h[0..4].copy_from_slice(&header_crc.to_le_bytes());
 }
 
@@ -396,16 +426,17 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(a)
 }
 
-/// Decodes the record at the front of `buf`, returning it and its size in bytes.
-/// Never panics, whatever the input (fuzzed by `fuzz/fuzz_targets/decode_record.rs`).
-pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
+/// Decodes the record at the front of `buf`, checksummed with `salt`, returning it and
+/// its size in bytes. Never panics, whatever the input (fuzzed by
+/// `fuzz/fuzz_targets/decode_record.rs`).
+pub fn decode(buf: &[u8], salt: u32) -> Result<(Record, usize), DecodeError> {
     if buf.len() < HEADER_BYTES {
         return Err(DecodeError::Incomplete {
             needed: HEADER_BYTES,
         });
     }
     let h = &buf[..HEADER_BYTES];
-    if u32_at(h, 0) != crc32c::crc32c(&h[4..16]) {
+    if u32_at(h, 0) != crc32c::crc32c_append(salt, &h[4..16]) {
         return Err(DecodeError::HeaderChecksum);
     }
     let len = u32_at(h, 4) as usize;
@@ -425,7 +456,7 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
         return Err(DecodeError::Incomplete { needed: total });
     }
     let p = &buf[HEADER_BYTES..total];
-    if u32_at(h, 12) != crc32c::crc32c(p) {
+    if u32_at(h, 12) != crc32c::crc32c_append(salt, p) {
         return Err(DecodeError::PayloadChecksum {
             record_bytes: total,
         });
@@ -517,6 +548,35 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
     Ok((record, total))
 }
 
+/// Whether a valid sync marker of the segment salted `salt` starts at `buf[at..]` and
+/// names `at` as its own offset. Recovery scans the bytes after a bad record in the
+/// newest segment with it, position by position: the offset check first rejects almost
+/// every position with one comparison, before any checksum is computed.
+pub fn sync_mark_at(buf: &[u8], at: usize, salt: u32) -> bool {
+    let Some(b) = buf.get(at..at + HEADER_BYTES + 8) else {
+        return false;
+    };
+    if u64_at(b, HEADER_BYTES) != at as u64 || b[8] != TYPE_SYNC_MARK {
+        return false;
+    }
+    matches!(decode(&buf[at..], salt), Ok((Record::SyncMark { offset, .. }, _)) if offset == at as u64)
+}
+
+/// The first position in `from..buf.len()` where [`sync_mark_at`] holds, if any. Costs
+/// one 8-byte comparison per position for almost every position, so recovery can afford
+/// it over a whole segment (measured with `wal_bench --scan-cost`).
+pub fn find_sync_mark(buf: &[u8], from: usize, salt: u32) -> Option<usize> {
+    let last = buf.len().checked_sub(HEADER_BYTES + 8)?;
+    (from..=last).find(|&at| {
+        let offset = u64::from_le_bytes(
+            buf[at + HEADER_BYTES..at + HEADER_BYTES + 8]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        offset == at as u64 && sync_mark_at(buf, at, salt)
+    })
+}
+
 /// Parses an `Entries` payload: first index, term, then items (header, data) up to
 /// exactly the end of the payload.
 fn decode_entries(p: &[u8]) -> Result<Vec<Entry>, DecodeError> {
@@ -560,6 +620,9 @@ fn decode_entries(p: &[u8]) -> Result<Vec<Entry>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The salt the unit tests use (any segment's would do).
+    const S: u32 = 0x5a17_5a17;
 
     fn samples() -> Vec<Record> {
         vec![
@@ -626,11 +689,11 @@ mod tests {
     fn round_trip_every_record_type() {
         let mut buf = Vec::new();
         for r in samples() {
-            encode(&mut buf, &r);
+            encode(&mut buf, &r, S);
         }
         let mut at = 0;
         for r in samples() {
-            let (got, n) = decode(&buf[at..]).unwrap();
+            let (got, n) = decode(&buf[at..], S).unwrap();
             assert_eq!(got, r);
             at += n;
         }
@@ -641,12 +704,15 @@ mod tests {
     fn every_single_byte_flip_is_detected() {
         for r in samples() {
             let mut buf = Vec::new();
-            encode(&mut buf, &r);
+            encode(&mut buf, &r, S);
             for i in 0..buf.len() {
                 for bit in 0..8 {
                     let mut b = buf.clone();
                     b[i] ^= 1 << bit;
-                    assert!(decode(&b).is_err(), "flip of byte {i} bit {bit} in {r:?}");
+                    assert!(
+                        decode(&b, S).is_err(),
+                        "flip of byte {i} bit {bit} in {r:?}"
+                    );
                 }
             }
         }
@@ -655,10 +721,10 @@ mod tests {
     #[test]
     fn every_prefix_is_incomplete() {
         let mut buf = Vec::new();
-        encode(&mut buf, &samples()[1]);
+        encode(&mut buf, &samples()[1], S);
         for n in 0..buf.len() {
             assert!(matches!(
-                decode(&buf[..n]),
+                decode(&buf[..n], S),
                 Err(DecodeError::Incomplete { .. })
             ));
         }
@@ -667,11 +733,11 @@ mod tests {
     #[test]
     fn every_prefix_of_an_entries_record_is_incomplete() {
         let mut buf = Vec::new();
-        encode(&mut buf, &samples()[8]);
+        encode(&mut buf, &samples()[8], S);
         assert!(matches!(samples()[8], Record::Entries(_)));
         for n in 0..buf.len() {
             assert!(matches!(
-                decode(&buf[..n]),
+                decode(&buf[..n], S),
                 Err(DecodeError::Incomplete { .. })
             ));
         }
@@ -718,11 +784,11 @@ mod tests {
         ];
         for (what, payload) in cases {
             let mut buf = Vec::new();
-            frame_raw(&mut buf, TYPE_ENTRIES, &payload);
+            frame_raw(&mut buf, TYPE_ENTRIES, &payload, S);
             assert!(
-                matches!(decode(&buf), Err(DecodeError::Malformed(_))),
+                matches!(decode(&buf, S), Err(DecodeError::Malformed(_))),
                 "{what}: {:?}",
-                decode(&buf)
+                decode(&buf, S)
             );
         }
         // The last index may be u64::MAX itself.
@@ -731,8 +797,9 @@ mod tests {
             &mut buf,
             TYPE_ENTRIES,
             &[prefix(u64::MAX), item(1, b"")].concat(),
+            S,
         );
-        let (r, _) = decode(&buf).unwrap();
+        let (r, _) = decode(&buf, S).unwrap();
         assert!(matches!(&r, Record::Entries(v) if v.len() == 1 && v[0].index == u64::MAX));
     }
 
@@ -751,11 +818,11 @@ mod tests {
             .collect();
         for borrow_min in [0, 1, 4096, usize::MAX] {
             let mut want = Vec::new();
-            encode_entries(&mut want, &ents);
-            encode_entry(&mut want, &ents[4]);
+            encode_entries(&mut want, &ents, S);
+            encode_entry(&mut want, &ents[4], S);
             let (mut out, mut borrowed) = (Vec::new(), Vec::new());
-            encode_entries_borrowing(&mut out, &ents, borrow_min, &mut borrowed);
-            encode_entry_borrowing(&mut out, &ents[4], borrow_min, &mut borrowed);
+            encode_entries_borrowing(&mut out, &ents, S, borrow_min, &mut borrowed);
+            encode_entry_borrowing(&mut out, &ents[4], S, borrow_min, &mut borrowed);
             let mut got = Vec::new();
             let mut from = 0;
             for &(at, data) in &borrowed {
@@ -779,9 +846,11 @@ mod tests {
             data: vec![0xEE; n],
         };
         let mut buf = Vec::new();
+        let seq = 3u64;
         encode_entries(
             &mut buf,
             &[e(5, EntryKind::Normal, 3), e(6, EntryKind::ConfChange, 40)],
+            segment_salt(seq),
         );
         assert_eq!(buf.len(), 78);
         assert_eq!(&buf[4..12], &[62, 0, 0, 0, 7, 0, 0, 0]);
@@ -789,7 +858,80 @@ mod tests {
         assert_eq!(u64_at(&buf, 24), 9);
         assert_eq!(buf[32], 0x0c);
         assert_eq!(&buf[36..38], &[0xa2, 0x01]);
-        assert_eq!(u32_at(&buf, 12), crc32c::crc32c(&buf[16..78]));
+        // Both checksums are CRC32C of the segment's seq (8 bytes LE) followed by the bytes.
+        let salted = |bytes: &[u8]| crc32c::crc32c(&[&seq.to_le_bytes()[..], bytes].concat());
+        assert_eq!(u32_at(&buf, 12), salted(&buf[16..78]));
+        assert_eq!(u32_at(&buf, 0), salted(&buf[4..16]));
+    }
+
+    /// A record of one segment never validates as a record of another (the stale bytes of
+    /// a recycled file), nor as the unsalted format of before, and vice versa.
+    #[test]
+    fn records_do_not_validate_under_another_segments_salt() {
+        for seq in [1u64, 2, 3, 255, 256, 1 << 20, (1 << 32) - 1] {
+            for r in samples() {
+                let mut buf = Vec::new();
+                encode(&mut buf, &r, segment_salt(seq));
+                assert_eq!(decode(&buf, segment_salt(seq)).unwrap().0, r);
+                for other in [seq - 1, seq + 1, seq + 2, seq ^ 0x8000_0000] {
+                    assert_eq!(
+                        decode(&buf, segment_salt(other)),
+                        Err(DecodeError::HeaderChecksum),
+                        "seq {seq} read as {other}: {r:?}"
+                    );
+                }
+                assert_eq!(decode(&buf, UNSALTED), Err(DecodeError::HeaderChecksum));
+                let mut old = Vec::new();
+                encode(&mut old, &r, UNSALTED);
+                assert_eq!(
+                    old[..],
+                    {
+                        // The old format: plain CRC32C of the same bytes.
+                        let mut b = buf.clone();
+                        let pc = crc32c::crc32c(&b[HEADER_BYTES..]);
+                        b[12..16].copy_from_slice(&pc.to_le_bytes());
+                        let hc = crc32c::crc32c(&b[4..16]);
+                        b[0..4].copy_from_slice(&hc.to_le_bytes());
+                        b
+                    }[..]
+                );
+                assert!(decode(&old, segment_salt(seq)).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn sync_mark_at_finds_only_markers_naming_their_own_offset() {
+        let salt = segment_salt(4);
+        let mut buf = vec![0u8; 100];
+        encode(
+            &mut buf,
+            &Record::SyncMark {
+                offset: 100,
+                padding: 5,
+            },
+            salt,
+        );
+        encode(
+            &mut buf,
+            &Record::SyncMark {
+                offset: 7,
+                padding: 0,
+            },
+            salt,
+        );
+        let second = 100 + 16 + 8 + 5;
+        buf.extend_from_slice(&[1; 40]);
+        let found: Vec<usize> = (0..buf.len())
+            .filter(|&at| sync_mark_at(&buf, at, salt))
+            .collect();
+        assert_eq!(found, vec![100], "the second marker names the wrong offset");
+        assert_eq!(find_sync_mark(&buf, 0, salt), Some(100));
+        assert_eq!(find_sync_mark(&buf, 100, salt), Some(100));
+        assert_eq!(find_sync_mark(&buf, 101, salt), None);
+        assert_eq!(find_sync_mark(&buf[..10], 0, salt), None);
+        assert!(!sync_mark_at(&buf, 100, segment_salt(5)));
+        assert!(!sync_mark_at(&buf[..second - 1], 100, salt), "cut marker");
     }
 
     #[test]
@@ -810,8 +952,8 @@ mod tests {
             ("short", 77u64.to_le_bytes()[..7].to_vec(), false),
         ] {
             let mut buf = Vec::new();
-            frame_raw(&mut buf, TYPE_SYNC_MARK, &p);
-            match decode(&buf) {
+            frame_raw(&mut buf, TYPE_SYNC_MARK, &p, S);
+            match decode(&buf, S) {
                 Ok((Record::SyncMark { offset, padding }, n)) if ok => {
                     assert_eq!(
                         (offset, usize::from(padding), n),
@@ -845,6 +987,6 @@ mod tests {
 
     #[test]
     fn zeros_are_not_a_record() {
-        assert_eq!(decode(&[0u8; 64]), Err(DecodeError::HeaderChecksum));
+        assert_eq!(decode(&[0u8; 64], S), Err(DecodeError::HeaderChecksum));
     }
 }

@@ -7,8 +7,12 @@
 //! record and the current hard state, so older segments can be deleted once compacted.
 //!
 //! Writes are encoded into one buffer and handed to the OS in large `write`s; `sync` does
-//! one `fdatasync` for everything since the last one (group commit). See docs/storage.md
-//! for the format and the recovery rules.
+//! one `fdatasync` for everything since the last one (group commit). Segment files freed
+//! by compaction are kept (up to `SPARE_SEGMENTS_MAX`, as `<seq:020>.spare`) and reused
+//! by the next segments, which then overwrite blocks already allocated instead of growing
+//! a file: on ext4, an `fdatasync` that grows a file also commits its new size. Every
+//! record's checksums are salted with its segment's seq, so stale records of a file's
+//! earlier life never validate. See docs/storage.md for the format and recovery rules.
 
 use crate::disk::{Disk, StdDisk};
 use crate::mem::{check_append, check_compact, check_hard_state, check_snapshot};
@@ -75,6 +79,11 @@ pub const ZERO_COPY_MIN_BYTES: usize = 4096;
 /// record): bounds the buffer and what replay decodes at once.
 pub const ENTRIES_RECORD_BYTES_MAX: usize = 1 << 20;
 
+/// Segment files freed by compaction that are kept for reuse instead of deleted. Two
+/// cover a node whose compaction frees segments one or two at a time; more would only
+/// hold disk space (64 MiB each by default).
+pub const SPARE_SEGMENTS_MAX: usize = 2;
+
 /// Encoded size of a `BatchBegin` record.
 const BATCH_BEGIN_BYTES: u64 = HEADER_BYTES as u64 + 16;
 
@@ -124,10 +133,56 @@ struct Segment {
     bytes: u64,
     /// `bytes` right after its last sync marker (0 before the first).
     marked_bytes: u64,
+    /// The checksum salt of its records, `record::segment_salt(seq)`.
+    salt: u32,
+    /// Bytes handed to the disk: the file offset where the next write goes (at most
+    /// `bytes`; the rest is buffered).
+    flushed: u64,
+    /// The file is a recycled one: past `flushed` it may hold stale bytes of an earlier
+    /// life, cut off when the segment is closed.
+    recycled: bool,
+}
+
+impl Segment {
+    fn new(seq: u64, path: PathBuf, prev_index: u64) -> Self {
+        Segment {
+            seq,
+            path,
+            prev_index,
+            reset: false,
+            max_index: prev_index,
+            has_entries: false,
+            bytes: 0,
+            marked_bytes: 0,
+            salt: record::segment_salt(seq),
+            flushed: 0,
+            recycled: false,
+        }
+    }
 }
 
 fn segment_name(seq: u64, first_index: u64) -> String {
     format!("{seq:020}-{first_index:020}.wal")
+}
+
+/// The name a freed segment file keeps while it waits to be reused: its last seq, so that
+/// names never collide. Replay ignores these files.
+fn spare_name(seq: u64) -> String {
+    format!("{seq:020}.spare")
+}
+
+fn parse_spare_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".spare")?;
+    if stem.len() != 20 {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+/// The seq of a segment file from its name (`<seq:020>-<first_index:020>.wal`), which
+/// gives the salt of its records (`record::segment_salt`).
+pub fn segment_seq(name: &str) -> Option<u64> {
+    parse_segment_name(name).map(|(seq, _)| seq)
 }
 
 fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
@@ -185,6 +240,13 @@ pub struct Wal<D: Disk = StdDisk> {
     opts: WalOptions,
     /// Oldest first; the last one is the active segment (there is always one).
     segments: Vec<Segment>,
+    /// Freed segment files kept for reuse (seq of their last life, path), at most
+    /// `SPARE_SEGMENTS_MAX`; the last one is reused first (most likely still cached).
+    spares: Vec<(u64, PathBuf)>,
+    /// Bytes handed to the disk since opening (for benchmarks and metrics).
+    bytes_written: u64,
+    /// Segments started in a reused spare file since opening (for tests and metrics).
+    segments_recycled: u64,
     /// Encoded records for the active segment not yet handed to the OS.
     pending: Vec<u8>,
     /// The log holds `(base, last]`; `base` is the compaction point with term `base_term`.
@@ -254,6 +316,9 @@ impl<D: Disk> Wal<D> {
             snaps: SnapshotStore::new(dir.join("snap"), opts.snapshots_kept),
             opts,
             segments: Vec::new(),
+            spares: Vec::new(),
+            bytes_written: 0,
+            segments_recycled: 0,
             pending: Vec::new(),
             base: 0,
             base_term: 0,
@@ -331,6 +396,21 @@ impl<D: Disk> Wal<D> {
         self.segments.len()
     }
 
+    /// Number of spare segment files waiting to be reused (for tests and metrics).
+    pub fn spare_count(&self) -> usize {
+        self.spares.len()
+    }
+
+    /// Segments started in a reused spare file since opening.
+    pub fn segments_recycled(&self) -> u64 {
+        self.segments_recycled
+    }
+
+    /// Bytes handed to the disk since opening: records, padding, everything.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
     pub fn term(&self, index: u64) -> Option<u64> {
         if index == self.base {
             return Some(self.base_term);
@@ -373,9 +453,13 @@ impl<D: Disk> Wal<D> {
         if self.pending.is_empty() && borrowed.is_empty() {
             return Ok(());
         }
-        let path = self.segments.last().expect("active segment").path.clone();
+        let seg = self.segments.last().expect("active segment");
+        let (path, offset) = (seg.path.clone(), seg.flushed);
+        let total =
+            (self.pending.len() + borrowed.iter().map(|(_, d)| d.len()).sum::<usize>()) as u64;
+        // Positional: a recycled file is overwritten from its start, not appended to.
         let r = if borrowed.is_empty() {
-            self.disk.append(&path, &self.pending)
+            self.disk.write_at(&path, offset, &self.pending)
         } else {
             let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * borrowed.len() + 1);
             let mut from = 0;
@@ -385,7 +469,7 @@ impl<D: Disk> Wal<D> {
                 from = at;
             }
             parts.push(&self.pending[from..]);
-            self.disk.append_parts(&path, &parts)
+            self.disk.write_parts_at(&path, offset, &parts)
         };
         if let Err(e) = r {
             return Err(self.fail(io_err(&path, e)));
@@ -396,6 +480,10 @@ impl<D: Disk> Wal<D> {
         }
         borrowed.clear();
         self.file_dirty = true;
+        self.bytes_written += total;
+        let seg = self.active();
+        seg.flushed += total;
+        assert_eq!(seg.flushed, seg.bytes, "flushed everything buffered");
         Ok(())
     }
 
@@ -447,7 +535,8 @@ impl<D: Disk> Wal<D> {
     fn put(&mut self, rec: &Record) -> Result<()> {
         self.unmarked = true;
         let before = self.pending.len();
-        record::encode(&mut self.pending, rec);
+        let salt = self.segments.last().expect("active segment").salt;
+        record::encode(&mut self.pending, rec, salt);
         let n = (self.pending.len() - before) as u64;
         self.active().bytes += n;
         if self.pending.len() >= self.opts.write_buffer_bytes_max {
@@ -468,26 +557,54 @@ impl<D: Disk> Wal<D> {
             Some(prev_seq) => {
                 self.mark()?;
                 self.flush()?;
-                self.fsync_active()?;
+                let prev = self.segments.last().expect("active segment");
+                if prev.recycled {
+                    // Cut the stale bytes of the file's earlier life (and make the rest
+                    // durable, as the fsync would): only the newest segment may ever end
+                    // in anything but its last record.
+                    let (path, len) = (prev.path.clone(), prev.bytes);
+                    if let Err(e) = self.disk.truncate(&path, len) {
+                        return Err(self.fail(io_err(&path, e)));
+                    }
+                    self.file_dirty = false;
+                } else {
+                    self.fsync_active()?;
+                }
                 // The previous segment's name too, so that no crash can keep a newer
                 // segment without an older one.
                 self.fsync_dir()?;
                 prev_seq + 1
             }
-            None => 1,
+            // Above every spare's seq too: a seq is never used twice, so no stale record
+            // anywhere carries the salt of a new segment.
+            None => self
+                .spares
+                .iter()
+                .map(|&(s, _)| s)
+                .max()
+                .map_or(1, |s| s + 1),
         };
+        debug_assert!(self.spares.iter().all(|&(s, _)| s < seq));
         let path = self.wal_dir.join(segment_name(seq, prev_index + 1));
-        self.segments.push(Segment {
-            seq,
-            path,
-            prev_index,
-            reset: reset.is_some(),
-            max_index: prev_index,
-            has_entries: false,
-            bytes: 0,
-            marked_bytes: 0,
-        });
-        self.dir_dirty = true;
+        let mut seg = Segment::new(seq, path.clone(), prev_index);
+        seg.reset = reset.is_some();
+        if let Some((_, spare)) = self.spares.pop() {
+            // Reuse a freed file: its blocks are allocated, so syncs that overwrite them
+            // need not commit a new file size. Its new name is made durable before any of
+            // its bytes: otherwise a crash could keep records of this seq in a file still
+            // named a spare, and after recovery the seq would be used again.
+            if let Err(e) = self.disk.rename(&spare, &path) {
+                return Err(self.fail(io_err(&spare, e)));
+            }
+            seg.recycled = true;
+            self.segments_recycled += 1;
+            self.dir_dirty = true;
+            self.fsync_dir()?;
+        } else {
+            // A new file: its name is made durable by the next sync's directory fsync.
+            self.dir_dirty = true;
+        }
+        self.segments.push(seg);
         self.put(&Record::SegmentStart {
             seq,
             prev_index,
@@ -564,7 +681,20 @@ impl<D: Disk> Wal<D> {
             k += 1;
         }
         for s in self.segments.drain(..k).collect::<Vec<_>>() {
-            if let Err(e) = self.disk.remove(&s.path) {
+            // Keep a few freed files for the next segments to overwrite; delete the rest.
+            // Either way a crash leaves the file under its segment name or gone from the
+            // segments, so the segments left are a suffix.
+            let r = if self.spares.len() < SPARE_SEGMENTS_MAX {
+                let spare = self.wal_dir.join(spare_name(s.seq));
+                let r = self.disk.rename(&s.path, &spare);
+                if r.is_ok() {
+                    self.spares.push((s.seq, spare));
+                }
+                r
+            } else {
+                self.disk.remove(&s.path)
+            };
+            if let Err(e) = r {
                 return Err(self.fail(io_err(&s.path, e)));
             }
             self.dir_dirty = true;
@@ -605,14 +735,39 @@ impl<D: Disk> Wal<D> {
         self.snaps.open(&mut self.disk)?;
         let snapshot = self.snaps.load_newest(&mut self.disk)?;
 
-        let mut names: Vec<(u64, u64, String)> = self
+        let listing = self
             .disk
             .list_dir(&wal_dir)
-            .map_err(|e| io_err(&wal_dir, e))?
-            .into_iter()
-            .filter_map(|n| parse_segment_name(&n).map(|(s, i)| (s, i, n)))
+            .map_err(|e| io_err(&wal_dir, e))?;
+        let mut names: Vec<(u64, u64, String)> = listing
+            .iter()
+            .filter_map(|n| parse_segment_name(n).map(|(s, i)| (s, i, n.clone())))
             .collect();
         names.sort_unstable();
+        let mut spares: Vec<(u64, PathBuf)> = listing
+            .iter()
+            .filter_map(|n| parse_spare_name(n).map(|s| (s, wal_dir.join(n))))
+            .collect();
+        spares.sort_unstable();
+        // Spares are older than every segment (they are freed segments, and a seq is never
+        // reused); keep the newest few, remove any beyond the bound.
+        let newest_seq = names.last().map_or(u64::MAX, |n| n.0);
+        let keep_from = spares.len().saturating_sub(SPARE_SEGMENTS_MAX);
+        for (i, (seq, path)) in spares.iter().enumerate() {
+            if i < keep_from || *seq >= newest_seq {
+                self.disk.remove(path).map_err(|e| io_err(path, e))?;
+                self.disk
+                    .sync_dir(&wal_dir)
+                    .map_err(|e| io_err(&wal_dir, e))?;
+            }
+        }
+        spares = spares
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (seq, _))| *i >= keep_from && *seq < newest_seq)
+            .map(|(_, s)| s)
+            .collect();
+        self.spares = spares;
 
         let mut rp = Replay {
             base: 0,
@@ -623,42 +778,43 @@ impl<D: Disk> Wal<D> {
             batch: None,
         };
         let count = names.len();
+        let mut newest_has_hard_state = false;
         for (pos, (seq, first_index, name)) in names.into_iter().enumerate() {
             let path = wal_dir.join(&name);
             let is_last = pos + 1 == count;
             let buf = self.disk.read(&path).map_err(|e| io_err(&path, e))?;
-            let mut seg = Segment {
-                seq,
-                path: path.clone(),
-                prev_index: first_index.wrapping_sub(1),
-                reset: false,
-                max_index: first_index.wrapping_sub(1),
-                has_entries: false,
-                bytes: 0,
-                marked_bytes: 0,
-            };
+            let mut seg = Segment::new(seq, path.clone(), first_index.wrapping_sub(1));
+            let salt = seg.salt;
             let mut at = 0usize;
             // Whether the last record kept so far is a sync marker.
             let mut marked = false;
+            let mut has_hard_state = false;
             while at < buf.len() {
                 let rec_at = at as u64;
-                let rec = match record::decode(&buf[at..]) {
+                let rec = match record::decode(&buf[at..], salt) {
                     Ok((rec, n)) => {
                         at += n;
                         rec
                     }
                     Err(err) => {
-                        let rest_zero =
-                            |from: usize| buf[from.min(buf.len())..].iter().all(|&b| b == 0);
-                        let torn = match err {
-                            DecodeError::Incomplete { .. } => true,
-                            DecodeError::HeaderChecksum => rest_zero(at),
-                            DecodeError::PayloadChecksum { record_bytes } => {
-                                rest_zero(at + record_bytes)
-                            }
-                            DecodeError::Malformed(_) => false,
-                        };
-                        if !(is_last && torn) {
+                        if at == 0 && record::decode(&buf, record::UNSALTED).is_ok() {
+                            return Err(Self::corrupt(
+                                &path,
+                                0,
+                                "segment written in an older on-disk format (record \
+                                 checksums without the segment salt), which this version \
+                                 does not read",
+                            ));
+                        }
+                        // The end of the log iff nothing synced can follow: every synced
+                        // stretch ends with a sync marker, so a valid marker of this
+                        // segment (this seq's salt, naming its own offset) anywhere after
+                        // the bad record means synced data is damaged. Stale bytes of a
+                        // recycled file's earlier life and zeros hold no such marker.
+                        let torn = is_last
+                            && !matches!(err, DecodeError::Malformed(_))
+                            && record::find_sync_mark(&buf, at + 1, salt).is_none();
+                        if !torn {
                             return Err(Self::corrupt(&path, at as u64, err.to_string()));
                         }
                         // A write cut short by a crash: nothing after it was acknowledged.
@@ -669,6 +825,7 @@ impl<D: Disk> Wal<D> {
                     }
                 };
                 marked = matches!(rec, Record::SyncMark { .. });
+                has_hard_state |= matches!(rec, Record::HardState(_));
                 self.replay_record(&mut rp, &mut seg, rec, pos, &path, rec_at)?;
                 seg.bytes = at as u64;
             }
@@ -712,6 +869,8 @@ impl<D: Disk> Wal<D> {
                 continue;
             }
             seg.marked_bytes = seg.bytes;
+            seg.flushed = seg.bytes;
+            newest_has_hard_state = has_hard_state;
             self.segments.push(seg);
         }
 
@@ -770,6 +929,16 @@ impl<D: Disk> Wal<D> {
             if self.terms.last().map(|&(_, t)| t) != Some(e.term) {
                 self.terms.push((e.index, e.term));
             }
+        }
+        if !self.segments.is_empty()
+            && !newest_has_hard_state
+            && self.hard_state != HardState::default()
+        {
+            // A segment's second record is the hard state, so that the segments before it
+            // can be deleted; a crash can cut the newest one right after its start record
+            // (and in a recycled file, stale bytes may even complete a torn start record).
+            let hs = self.hard_state;
+            self.put(&Record::HardState(hs))?;
         }
         if let Some((index, term, keep_log)) = catch_up {
             // Log what the snapshot implies, so the next replay need not repeat this.
@@ -1057,10 +1226,11 @@ impl<D: Disk> LogStore for Wal<D> {
             let before = self.pending.len() + borrowed_bytes;
             let pieces_before = borrowed.len();
             let zc = self.zero_copy_min;
+            let salt = self.segments.last().expect("active segment").salt;
             if let [e] = group {
-                record::encode_entry_borrowing(&mut self.pending, e, zc, &mut borrowed);
+                record::encode_entry_borrowing(&mut self.pending, e, salt, zc, &mut borrowed);
             } else {
-                record::encode_entries_borrowing(&mut self.pending, group, zc, &mut borrowed);
+                record::encode_entries_borrowing(&mut self.pending, group, salt, zc, &mut borrowed);
             }
             borrowed_bytes += borrowed[pieces_before..]
                 .iter()

@@ -56,12 +56,18 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The checksum salt of a segment file's records, from the seq in its name.
+fn salt_of(path: &Path) -> u32 {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    record::segment_salt(concord_storage::wal::segment_seq(&name).expect("a segment name"))
+}
+
 /// Offsets of the records in a segment file.
 fn record_offsets(path: &Path) -> Vec<usize> {
     let bytes = fs::read(path).unwrap();
     let mut at = 0;
     let mut v = Vec::new();
-    while let Ok((_, n)) = record::decode(&bytes[at..]) {
+    while let Ok((_, n)) = record::decode(&bytes[at..], salt_of(path)) {
         v.push(at);
         at += n;
     }
@@ -227,7 +233,7 @@ fn damage_to_the_last_synced_hard_state_is_corruption() {
         .iter()
         .rfind(|&&at| {
             matches!(
-                concord_storage::record::decode(&bytes[at..]),
+                concord_storage::record::decode(&bytes[at..], salt_of(&seg)),
                 Ok((concord_storage::record::Record::HardState(_), _))
             )
         })
@@ -520,7 +526,7 @@ fn a_segment_rolls_before_an_append_that_does_not_fit() {
         let bytes = fs::read(seg).unwrap();
         let kinds: Vec<record::Record> = record_offsets(seg)
             .into_iter()
-            .map(|at| record::decode(&bytes[at..]).unwrap().0)
+            .map(|at| record::decode(&bytes[at..], salt_of(seg)).unwrap().0)
             .collect();
         assert_eq!(kinds.len(), if k == 0 { 4 } else { 3 }, "{name}: {kinds:?}");
         assert!(
@@ -580,7 +586,7 @@ fn large_entries_are_written_without_a_copy_and_read_back() {
     let first_of_last_append = *offsets
         .iter()
         .find(|&&at| {
-            matches!(record::decode(&bytes[at..]), Ok((record::Record::Entries(v), _)) if v[0].index == 901)
+            matches!(record::decode(&bytes[at..], salt_of(&seg)), Ok((record::Record::Entries(v), _)) if v[0].index == 901)
         })
         .expect("an entries record starting at 901");
     fs::OpenOptions::new()
@@ -634,4 +640,201 @@ fn a_large_sync_ends_on_a_page_boundary() {
     drop(wal);
     let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
     assert_eq!(wal.recover().unwrap().entries, all);
+}
+
+/// Byte offset where the valid records of a segment file end (a recycled file may hold
+/// stale bytes of its earlier life after that).
+fn valid_end(path: &Path) -> usize {
+    let bytes = fs::read(path).unwrap();
+    let mut at = 0;
+    while let Ok((_, n)) = record::decode(&bytes[at..], salt_of(path)) {
+        at += n;
+    }
+    at
+}
+
+/// Writes with 4 KiB segments and a snapshot whenever a segment has rolled, as a node in
+/// steady state compacts behind its log, until at least `recycled` segments were started
+/// in a reused file and the newest one is one of them, half full, with stale bytes after
+/// its records. Returns the WAL (synced), the snapshot index and the last index.
+fn recycled_log(dir: &Path, recycled: u64) -> (Wal, u64, u64) {
+    let mut wal = Wal::open(dir, opts(4096)).unwrap();
+    let (mut snap_index, mut last) = (0, 0);
+    for _ in 0..10_000 {
+        wal.append(&ents(last + 1..=last + 10, 1)).unwrap();
+        last += 10;
+        wal.set_hard_state(HardState {
+            term: 1,
+            vote: 1,
+            commit: last,
+        })
+        .unwrap();
+        wal.sync().unwrap();
+        let newest = segments(dir).pop().unwrap();
+        if wal.segments_recycled() >= recycled
+            && valid_end(&newest) > 1000
+            && fs::metadata(&newest).unwrap().len() > valid_end(&newest) as u64 + 1000
+        {
+            return (wal, snap_index, last);
+        }
+        if wal.segment_count() > 1 {
+            snap_index = last - 5;
+            wal.install_snapshot(&snap(snap_index, 1)).unwrap();
+            assert!(wal.spare_count() > 0);
+        }
+    }
+    panic!("no recycled newest segment with a stale tail");
+}
+
+#[test]
+fn a_stale_tail_after_a_clean_shutdown_reopens_with_exactly_the_synced_log() {
+    let d = TempDir::new("recycled-clean");
+    let (wal, snap_index, last) = recycled_log(&d.0, 3);
+    let spares = wal.spare_count();
+    drop(wal);
+    let newest = segments(&d.0).pop().unwrap();
+    let end = valid_end(&newest);
+    for round in 0..2 {
+        let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+        let r = wal.recover().unwrap();
+        assert_eq!(r.applied, snap_index, "round {round}");
+        assert_eq!(r.entries, ents(snap_index + 1..=last, 1), "round {round}");
+        assert_eq!(r.hard_state.commit, last);
+        assert_eq!(wal.spare_count(), spares, "spares survive a reopen");
+        drop(wal);
+        // The stale bytes were cut off: nothing of the file's earlier life is left.
+        assert_eq!(fs::metadata(&newest).unwrap().len(), end as u64);
+    }
+    // The log continues in the same segment, and later rolls still reuse spares.
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    wal.append(&ents(last + 1..=last + 200, 1)).unwrap();
+    wal.sync().unwrap();
+    wal.install_snapshot(&snap(last + 100, 1)).unwrap();
+    wal.append(&ents(last + 201..=last + 400, 1)).unwrap();
+    wal.sync().unwrap();
+    assert!(wal.segments_recycled() > 0);
+    drop(wal);
+    let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+    assert_eq!(
+        wal.recover().unwrap().entries,
+        ents(last + 101..=last + 400, 1)
+    );
+}
+
+#[test]
+fn damage_to_a_synced_record_of_a_recycled_segment_is_corruption() {
+    let d = TempDir::new("recycled-damage");
+    let (mut wal, _, last) = recycled_log(&d.0, 3);
+    // Everything is synced: a copy of the directory is what a crash would leave.
+    let synced = TempDir::new("recycled-damage-synced");
+    copy_dir(&d.0, &synced.0);
+    let newest = segments(&synced.0).pop().unwrap();
+    let offsets = record_offsets_prefix(&newest);
+    // Every record but the final sync marker: a middle one, and the last one with data.
+    let n = offsets.len();
+    for at in [offsets[n / 2], offsets[n - 2]] {
+        let copy = TempDir::new(&format!("recycled-damage-{at}"));
+        copy_dir(&synced.0, &copy.0);
+        let seg = copy.0.join("wal").join(newest.file_name().unwrap());
+        flip(&seg, at + 5);
+        match Wal::open(&copy.0, opts(4096)) {
+            Err(StorageError::Corrupt { path, offset, .. }) => {
+                assert_eq!((Path::new(&path), offset), (seg.as_path(), at as u64));
+            }
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("record at {at}: expected Corrupt, got a WAL"),
+        }
+    }
+    // The recycled segment rolls over: it is cut to its records when it is closed, so
+    // damage to its last record is corruption, as in any older segment.
+    let mut next = last + 1;
+    while wal.segment_count() < 2 {
+        wal.append(&ents(next..=next + 9, 1)).unwrap();
+        wal.sync().unwrap();
+        next += 10;
+    }
+    drop(wal);
+    let older = segments(&d.0).into_iter().rev().nth(1).unwrap();
+    assert_eq!(older.file_name(), newest.file_name());
+    assert_eq!(
+        fs::metadata(&older).unwrap().len(),
+        valid_end(&older) as u64
+    );
+    let offsets = record_offsets(&older);
+    let at = offsets[offsets.len() - 1];
+    flip(&older, at + 20);
+    assert!(matches!(
+        Wal::open(&d.0, opts(4096)),
+        Err(StorageError::Corrupt { offset, .. }) if offset == at as u64
+    ));
+}
+
+/// Offsets of the valid records at the start of a segment file (up to stale bytes).
+fn record_offsets_prefix(path: &Path) -> Vec<usize> {
+    let bytes = fs::read(path).unwrap();
+    let mut at = 0;
+    let mut v = Vec::new();
+    while let Ok((_, n)) = record::decode(&bytes[at..], salt_of(path)) {
+        v.push(at);
+        at += n;
+    }
+    v
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for sub in ["wal", "snap"] {
+        fs::create_dir_all(to.join(sub)).unwrap();
+        for e in fs::read_dir(from.join(sub)).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), to.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A data directory of the first format (checksums without the segment salt) is refused
+/// with a clear error, never replayed as garbage or dropped as a torn segment.
+#[test]
+fn a_segment_of_the_old_unsalted_format_is_refused() {
+    let d = TempDir::new("old-format");
+    fs::create_dir_all(d.0.join("wal")).unwrap();
+    let mut buf = Vec::new();
+    for r in [
+        record::Record::SegmentStart {
+            seq: 1,
+            prev_index: 0,
+            prev_term: 0,
+            reset: true,
+        },
+        record::Record::Entries(ents(1..=3, 1)),
+        record::Record::SyncMark {
+            offset: 0,
+            padding: 0,
+        },
+    ] {
+        let r = match r {
+            record::Record::SyncMark { padding, .. } => record::Record::SyncMark {
+                offset: buf.len() as u64,
+                padding,
+            },
+            r => r,
+        };
+        record::encode(&mut buf, &r, record::UNSALTED);
+    }
+    let seg =
+        d.0.join("wal")
+            .join("00000000000000000001-00000000000000000001.wal");
+    fs::write(&seg, &buf).unwrap();
+    match Wal::open(&d.0, opts(4096)) {
+        Err(StorageError::Corrupt {
+            path,
+            offset,
+            detail,
+        }) => {
+            assert_eq!((Path::new(&path), offset), (seg.as_path(), 0));
+            assert!(detail.contains("older on-disk format"), "{detail}");
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("expected Corrupt, got a WAL"),
+    }
+    assert_eq!(fs::read(&seg).unwrap(), buf, "the file is left alone");
 }

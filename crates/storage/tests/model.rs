@@ -70,7 +70,7 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         3 => (0u8..2, 0u8..4, 0u8..50).prop_map(|(t, v, c)| Op::HardState { term_up: t, vote: v, commit: c }),
         4 => Just(Op::Sync),
-        1 => (0u8..8, any::<bool>()).prop_map(|(b, o)| Op::Snapshot { back: b, other_term: o }),
+        2 => (0u8..8, any::<bool>()).prop_map(|(b, o)| Op::Snapshot { back: b, other_term: o }),
         1 => Just(Op::Compact),
         1 => Just(Op::BadAppend),
         2 => proptest::option::of(0u16..3000).prop_map(|t| Op::Crash { torn: t }),
@@ -104,9 +104,15 @@ fn model_view(m: &mut MemStore) -> View {
 trait Crashable: LogStore {
     fn crash(&mut self, torn: Option<u16>) -> Recovered;
     fn fail_disk_after(&mut self, ops: u64);
+    /// Segments started in a reused spare file so far.
+    fn recycled(&self) -> u64;
 }
 
 impl Crashable for FaultyStore {
+    fn recycled(&self) -> u64 {
+        self.wal().segments_recycled()
+    }
+
     fn fail_disk_after(&mut self, ops: u64) {
         FaultyStore::fail_disk_after(self, ops);
     }
@@ -121,6 +127,10 @@ impl Crashable for FaultyStore {
 }
 
 impl Crashable for Wal<SimDisk> {
+    fn recycled(&self) -> u64 {
+        self.segments_recycled()
+    }
+
     fn fail_disk_after(&mut self, ops: u64) {
         self.disk_mut().fail_after(ops);
     }
@@ -358,39 +368,73 @@ fn cases() -> u32 {
         .unwrap_or(300)
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases(),
+        source_file: Some(file!()),
+        ..ProptestConfig::default()
+    }
+}
 
-    #[test]
-    fn faulty_store_matches_model(
-        ops in proptest::collection::vec(op(), 1..80),
-        zero_copy_min in prop_oneof![Just(0usize), Just(150), Just(4096)],
-        sync_pad_min in prop_oneof![Just(0u64), Just(600), Just(32 << 10)],
-    ) {
-        let mut store = FaultyStore::with_options(small_opts(1 << 20));
-        store.set_batching_for_tests(batching());
-        store.set_zero_copy_min_for_tests(zero_copy_min);
-        store.set_sync_pad_min_for_tests(sync_pad_min);
+/// Runs the model test over generated cases and returns how many segments started in a
+/// recycled file over all of them: the 4 KiB segments roll every few operations and
+/// snapshots free them, so spares get reused, and crashes hit recycled files.
+fn check_cases<S: Crashable>(name: &str, open: impl Fn(usize, usize, u64) -> S) -> u64 {
+    let recycled = std::sync::atomic::AtomicU64::new(0);
+    let strategy = (
+        proptest::collection::vec(op(), 1..80),
+        prop_oneof![Just(1usize), Just(700), Just(1 << 20)],
+        prop_oneof![Just(0usize), Just(150), Just(4096)],
+        prop_oneof![Just(0u64), Just(600), Just(32 << 10)],
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(config());
+    let result = runner.run(&strategy, |(ops, buffer, zero_copy_min, sync_pad_min)| {
+        let mut store = open(buffer, zero_copy_min, sync_pad_min);
         run(&mut store, &ops)?;
+        recycled.fetch_add(store.recycled(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{name}: {e}");
     }
+    let n = recycled.into_inner();
+    eprintln!("{name}: {n} segments started in a recycled file");
+    n
+}
 
-    /// `zero_copy_min` 0 and 150 send (some) entry data to the disk straight from the
-    /// caller's entries, in one `writev` at the end of `append`; `sync_pad_min` 0 and 600
-    /// pad (some) sync markers to a page boundary (the real thresholds are above this
-    /// test's sizes).
-    #[test]
-    fn wal_on_sim_disk_matches_model(
-        ops in proptest::collection::vec(op(), 1..80),
-        buffer in prop_oneof![Just(1usize), Just(700), Just(1 << 20)],
-        zero_copy_min in prop_oneof![Just(0usize), Just(150), Just(4096)],
-        sync_pad_min in prop_oneof![Just(0u64), Just(600), Just(32 << 10)],
-    ) {
-        let mut wal = Wal::open_on(SimDisk::new(), Path::new("/node"), small_opts(buffer)).unwrap();
-        wal.set_batching_for_tests(batching());
-        wal.set_zero_copy_min_for_tests(zero_copy_min);
-        wal.set_sync_pad_min_for_tests(sync_pad_min);
-        run(&mut wal, &ops)?;
-    }
+#[test]
+fn faulty_store_matches_model() {
+    let n = check_cases(
+        "faulty_store_matches_model",
+        |_, zero_copy_min, sync_pad_min| {
+            let mut store = FaultyStore::with_options(small_opts(1 << 20));
+            store.set_batching_for_tests(batching());
+            store.set_zero_copy_min_for_tests(zero_copy_min);
+            store.set_sync_pad_min_for_tests(sync_pad_min);
+            store
+        },
+    );
+    assert!(n > 0, "no segment was recycled");
+}
+
+/// `buffer` 1 and 700 flush records in several writes; `zero_copy_min` 0 and 150 send
+/// (some) entry data to the disk straight from the caller's entries, in one `writev` at
+/// the end of `append`; `sync_pad_min` 0 and 600 pad (some) sync markers to a page
+/// boundary (the real thresholds are above this test's sizes).
+#[test]
+fn wal_on_sim_disk_matches_model() {
+    let n = check_cases(
+        "wal_on_sim_disk_matches_model",
+        |buffer, zero_copy_min, sync_pad_min| {
+            let mut wal =
+                Wal::open_on(SimDisk::new(), Path::new("/node"), small_opts(buffer)).unwrap();
+            wal.set_batching_for_tests(batching());
+            wal.set_zero_copy_min_for_tests(zero_copy_min);
+            wal.set_sync_pad_min_for_tests(sync_pad_min);
+            wal
+        },
+    );
+    assert!(n > 0, "no segment was recycled");
 }
 
 /// A torn overwrite, deterministically: entries 1..=6 synced, then entries 3..=8 rewritten
