@@ -733,7 +733,18 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 self.nodes[Self::idx(victim)].restart_at_tick = tick + wait;
                 // One data loss at a time, and never during a membership cycle: losing a
                 // second replica's data, or one a shrunken group needs, can lose the group.
+                // Nor when some node's membership (applied or newest known) has the victim
+                // among fewer than three voters, or is joint: random conf changes can leave
+                // two voters, and losing one of two is losing the group, not a bug.
+                let keeps_majority = self.nodes.iter().all(|x| {
+                    let newest = x.replica.as_ref().map(|r| r.status().conf);
+                    std::iter::once(&x.conf).chain(newest.as_ref()).all(|c| {
+                        c.voters_outgoing.is_empty()
+                            && (c.voters.len() >= 3 || !c.voters.contains(&victim))
+                    })
+                });
                 let corrupt = n >= 3
+                    && keeps_majority
                     && self.nodes.iter().all(|x| !x.wiped && !x.corrupted)
                     && self.cycle.is_none()
                     && self.rng.chance(self.profile.corrupt_share_ppm);
