@@ -49,6 +49,14 @@ pub trait StateMachine: Send + 'static {
     /// membership changes), so its applied index stays exact.
     fn skip(&mut self, index: u64);
     fn snapshot(&self) -> Vec<u8>;
+    /// The state now, to serialize later without the state machine's lock: a closure that
+    /// returns what `snapshot()` returns now. The snapshot thread calls this under the lock
+    /// (applies are held back meanwhile) and the closure after releasing it. The default
+    /// serializes at once; a machine that copies faster than it serializes returns a copy.
+    fn snapshot_later(&self) -> Box<dyn FnOnce() -> Vec<u8> + Send> {
+        let data = self.snapshot();
+        Box::new(move || data)
+    }
     fn restore(&mut self, data: &[u8]) -> Result<(), String>;
     /// Called by the leader before a command enters the log: may return a rewritten
     /// command (e.g. stamped with the leader's clock). `None` keeps it as is.
@@ -1799,9 +1807,11 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         let sm = self.sm.clone();
         let (captured_tx, captured_rx) = std::sync::mpsc::sync_channel::<()>(1);
         let job: SnapshotJob = Box::new(move || {
-            let sm_data = sm.lock().expect("sm lock").snapshot();
-            // The state is captured: the group may apply again while we wrap and write.
+            let later = sm.lock().expect("sm lock").snapshot_later();
+            // The state is captured: the group may apply again while we serialize (if the
+            // machine copied itself), wrap and write.
             let _ = captured_tx.send(());
+            let sm_data = later();
             Snapshot {
                 meta,
                 data: wrap_snapshot(&members, &sm_data),

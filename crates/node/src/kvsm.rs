@@ -9,6 +9,10 @@ use concord_kv::{Command, KvError, KvStore, Response};
 /// (lease grants and keep-alives are a few dozen bytes; big writes are never decoded twice).
 const STAMP_BYTES_MAX: usize = 96;
 
+/// Largest store (in `db_size` bytes) that a snapshot copies in memory so as to serialize it
+/// without holding the state machine (see `snapshot_later`).
+const SNAPSHOT_COPY_MAX_BYTES: u64 = 256 << 20;
+
 /// The KV store and the feed its applied events go to.
 pub struct KvMachine {
     pub store: KvStore,
@@ -48,7 +52,8 @@ impl StateMachine for KvMachine {
                 // After the store shows the new revision, as the feed's contract asks. The
                 // events move to the feed: the front-end answers from `result` and never
                 // reads a response's events, so copying every key and value is waste.
-                self.feed.publish(resp.revision, std::mem::take(&mut resp.events));
+                self.feed
+                    .publish(resp.revision, std::mem::take(&mut resp.events));
                 resp
             }
             Err(e) => {
@@ -70,6 +75,20 @@ impl StateMachine for KvMachine {
 
     fn snapshot(&self) -> Vec<u8> {
         self.store.snapshot()
+    }
+
+    /// A copy of the store up to `SNAPSHOT_COPY_MAX_BYTES`, serialized after the lock is
+    /// released: copying is several times faster than serializing (postcard, checksum), so
+    /// applies wait for the copy only. Bigger stores serialize under the lock, so a
+    /// snapshot never holds two whole copies of a large state besides its bytes.
+    fn snapshot_later(&self) -> Box<dyn FnOnce() -> Vec<u8> + Send> {
+        if self.store.status().db_size_bytes <= SNAPSHOT_COPY_MAX_BYTES {
+            let copy = self.store.clone();
+            Box::new(move || copy.snapshot())
+        } else {
+            let data = self.store.snapshot();
+            Box::new(move || data)
+        }
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), String> {
@@ -123,6 +142,10 @@ mod tests {
         assert_eq!(m.store.applied_index(), 2);
         m.skip(3);
         let snap = m.snapshot();
+        // The copy taken now serializes to the same bytes even after more applies.
+        let later = m.snapshot_later();
+        m.apply(4, &put.encode());
+        assert_eq!(later(), snap);
         let mut other = KvMachine::new();
         other.restore(&snap).unwrap();
         let got = other
