@@ -446,6 +446,7 @@ where
         snap_writer,
         serializing: None,
         apply_backlog: VecDeque::new(),
+        apply_backlog_bytes: 0,
         snapshot_in_flight: None,
         next_snapshot_at: snapshot_index + config.snapshot_every_entries,
         status,
@@ -477,8 +478,10 @@ type SnapshotDone = (concord_storage::Result<WrittenSnapshot>, Snapshot);
 type SnapshotJob = Box<dyn FnOnce() -> Snapshot + Send>;
 
 /// Committed entries held back while the snapshot thread serializes the state machine;
-/// beyond this the group waits for the serialization to finish (back-pressure).
+/// beyond this many, or `APPLY_BACKLOG_BYTES_MAX` bytes of entry data, the group waits for
+/// the serialization to finish (back-pressure).
 const APPLY_BACKLOG_MAX: usize = 65_536;
+const APPLY_BACKLOG_BYTES_MAX: usize = 64 << 20;
 
 /// Starts the thread that serializes and writes this group's own snapshots. It takes one
 /// snapshot at a time (the group takes no new one while one is in flight) and ends when
@@ -669,6 +672,8 @@ struct Driver<R: Replica, SM: StateMachine> {
     /// Committed entries not applied yet because a serialization is running (in order,
     /// right after `applied`; at most `APPLY_BACKLOG_MAX`).
     apply_backlog: VecDeque<Entry>,
+    /// Data bytes in `apply_backlog`.
+    apply_backlog_bytes: usize,
     /// Index of the snapshot being written off-thread, if one is.
     snapshot_in_flight: Option<u64>,
     /// Applied index at which the next own snapshot is taken.
@@ -1414,7 +1419,9 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         let code = match envelope::decode(payload) {
             Ok(e)
                 if e.origin == from
-                    && (e.kind == EnvelopeKind::Command || is_self_publish(e.body, from)) =>
+                    && (e.kind == EnvelopeKind::Command
+                        || (is_self_publish(e.body, from)
+                            && self.replica.status().conf.all_nodes().contains(&from))) =>
             {
                 let data = prepare_payload::<SM>(payload).unwrap_or_else(|| payload.to_vec());
                 match self.replica.propose(data) {
@@ -1647,6 +1654,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         while let Some(e) = self.apply_backlog.pop_front() {
             self.apply_entry(e.index, e.term, e.kind, &e.data);
         }
+        self.apply_backlog_bytes = 0;
     }
 
     /// Applies `e` now, or holds it back while the snapshot thread serializes the state
@@ -1654,7 +1662,10 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
     /// waits for the serialization instead of growing.
     fn apply_or_defer(&mut self, e: Entry) {
         if !self.serialization_done() {
-            if self.apply_backlog.len() < APPLY_BACKLOG_MAX {
+            if self.apply_backlog.len() < APPLY_BACKLOG_MAX
+                && self.apply_backlog_bytes + e.data.len() <= APPLY_BACKLOG_BYTES_MAX
+            {
+                self.apply_backlog_bytes += e.data.len();
                 self.apply_backlog.push_back(e);
                 return;
             }
