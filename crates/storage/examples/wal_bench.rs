@@ -445,7 +445,14 @@ fn scan_cost(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         index += 256;
         record::encode(&mut buf, &Record::Entries(ents), old);
         let offset = buf.len() as u64;
-        record::encode(&mut buf, &Record::SyncMark { offset, padding: 0 }, old);
+        let mark = Record::SyncMark {
+            offset,
+            stretch_start: 0,
+            stretch_crc: 0,
+            recycled: true,
+            padding: 0,
+        };
+        record::encode(&mut buf, &mark, old);
     }
     for _ in 0..3 {
         let t = Instant::now();

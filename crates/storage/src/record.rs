@@ -53,6 +53,32 @@ pub const ENTRY_DATA_MAX_BYTES: usize = RECORD_PAYLOAD_MAX_BYTES - ENTRY_PREFIX_
 /// Largest padding of a sync marker: enough to reach any 4 KiB page boundary.
 pub const SYNC_MARK_PADDING_MAX: u16 = 4095;
 
+/// Bytes of a sync marker payload before its padding: offset, stretch start, stretch
+/// checksum, recycled flag.
+pub const SYNC_MARK_PREFIX_BYTES: usize = 21;
+
+/// Payload size of a segment start record: seq, prev index, prev term, reset, recycled.
+const SEGMENT_START_BYTES: usize = 26;
+
+/// Payload size of a segment start record of on-disk format 2 (no recycled flag, sync
+/// markers without stretch checksums). Only recovery uses it, for a clear error.
+const SEGMENT_START_BYTES_FORMAT_2: usize = 25;
+
+/// The checksum of a stretch of bytes of the segment salted `salt` (see
+/// `Record::SyncMark`); `crc32c_append(stretch_crc(salt, a), b)` continues it over `b`.
+pub fn stretch_crc(salt: u32, bytes: &[u8]) -> u32 {
+    crc32c::crc32c_append(salt, bytes)
+}
+
+/// Whether `buf` begins with a segment start record of on-disk format 2, checksummed
+/// with `salt`: valid checksums, but the 25-byte payload of that format.
+pub fn is_format_2_start(buf: &[u8], salt: u32) -> bool {
+    buf.len() >= HEADER_BYTES + SEGMENT_START_BYTES_FORMAT_2
+        && buf[8] == TYPE_SEGMENT_START
+        && u32_at(buf, 4) as usize == SEGMENT_START_BYTES_FORMAT_2
+        && matches!(decode(buf, salt), Err(DecodeError::Malformed(_)))
+}
+
 /// Bytes of an entries payload before its first item: first index, term.
 pub const ENTRIES_PREFIX_BYTES: usize = 16;
 
@@ -81,6 +107,10 @@ pub enum Record {
         prev_index: u64,
         prev_term: u64,
         reset: bool,
+        /// The segment was written into a reused (spare) file, over bytes it already
+        /// owned: recovery then tells an incomplete last sync by its stretch checksum
+        /// (see `SyncMark`).
+        recycled: bool,
     },
     /// A log entry. An entry at or below the current last index truncates the log
     /// from its index first (a conflicting suffix is replaced).
@@ -105,8 +135,18 @@ pub enum Record {
     /// as corruption, never cut off as a torn tail. `padding` zero bytes follow `offset`
     /// in the payload (at most `SYNC_MARK_PADDING_MAX`): the WAL uses them to end a large
     /// sync on a page boundary, so that the next one does not rewrite a partial page.
+    ///
+    /// The marker also covers its **stretch**, the bytes `[stretch_start, offset)` from
+    /// the end of the previous marker in the segment (or its start): `stretch_crc` is
+    /// their CRC32C under the segment's salt. In a recycled segment a power cut during
+    /// an `fdatasync` may keep a later page (with the marker) and lose an earlier one;
+    /// a stretch that does not match tells that sync never completed. `recycled` repeats
+    /// the segment start's flag, so it is known even when the start record is lost.
     SyncMark {
         offset: u64,
+        stretch_start: u64,
+        stretch_crc: u32,
+        recycled: bool,
         padding: u16,
     },
     /// Several entries of one term with consecutive indices in one record, each item
@@ -338,12 +378,14 @@ pub fn encode(out: &mut Vec<u8>, record: &Record, salt: u32) {
             prev_index,
             prev_term,
             reset,
+            recycled,
         } => {
             let start = begin(out);
             out.extend_from_slice(&seq.to_le_bytes());
             out.extend_from_slice(&prev_index.to_le_bytes());
             out.extend_from_slice(&prev_term.to_le_bytes());
             out.push(u8::from(*reset));
+            out.push(u8::from(*recycled));
             finish(out, start, TYPE_SEGMENT_START, salt);
         }
         Record::HardState(hs) => {
@@ -365,9 +407,18 @@ pub fn encode(out: &mut Vec<u8>, record: &Record, salt: u32) {
             out.extend_from_slice(&count.to_le_bytes());
             finish(out, start, TYPE_BATCH_BEGIN, salt);
         }
-        Record::SyncMark { offset, padding } => {
+        Record::SyncMark {
+            offset,
+            stretch_start,
+            stretch_crc,
+            recycled,
+            padding,
+        } => {
             let start = begin(out);
             out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&stretch_start.to_le_bytes());
+            out.extend_from_slice(&stretch_crc.to_le_bytes());
+            out.push(u8::from(*recycled));
             out.resize(out.len() + usize::from(*padding), 0);
             finish(out, start, TYPE_SYNC_MARK, salt);
         }
@@ -412,6 +463,15 @@ fn finish_with(
     h[12..16].copy_from_slice(&payload_crc.to_le_bytes());
     let header_crc = crc32c::crc32c_append(salt, &h[4..16]);
     h[0..4].copy_from_slice(&header_crc.to_le_bytes());
+}
+
+/// A flag byte: 0 or 1, anything else is `Malformed` (so a record re-encodes exactly).
+fn flag(b: u8, what: &str) -> Result<bool, DecodeError> {
+    match b {
+        0 => Ok(false),
+        1 => Ok(true),
+        b => Err(DecodeError::Malformed(format!("{what} flag {b}"))),
+    }
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -473,17 +533,13 @@ pub fn decode(buf: &[u8], salt: u32) -> Result<(Record, usize), DecodeError> {
     };
     let record = match ty {
         TYPE_SEGMENT_START => {
-            want(25, "segment start")?;
-            let reset = match p[24] {
-                0 => false,
-                1 => true,
-                b => return Err(DecodeError::Malformed(format!("reset flag {b}"))),
-            };
+            want(SEGMENT_START_BYTES, "segment start")?;
             Record::SegmentStart {
                 seq: u64_at(p, 0),
                 prev_index: u64_at(p, 8),
                 prev_term: u64_at(p, 16),
-                reset,
+                reset: flag(p[24], "reset")?,
+                recycled: flag(p[25], "recycled")?,
             }
         }
         TYPE_ENTRY => {
@@ -525,21 +581,25 @@ pub fn decode(buf: &[u8], salt: u32) -> Result<(Record, usize), DecodeError> {
             }
         }
         TYPE_SYNC_MARK => {
-            if p.len() < 8 || p.len() > 8 + usize::from(SYNC_MARK_PADDING_MAX) {
+            let max = SYNC_MARK_PREFIX_BYTES + usize::from(SYNC_MARK_PADDING_MAX);
+            if p.len() < SYNC_MARK_PREFIX_BYTES || p.len() > max {
                 return Err(DecodeError::Malformed(format!(
-                    "sync marker payload is {} bytes, expected 8 to {}",
+                    "sync marker payload is {} bytes, expected {SYNC_MARK_PREFIX_BYTES} to \
+                     {max}",
                     p.len(),
-                    8 + SYNC_MARK_PADDING_MAX
                 )));
             }
-            if p[8..].iter().any(|&b| b != 0) {
+            if p[SYNC_MARK_PREFIX_BYTES..].iter().any(|&b| b != 0) {
                 return Err(DecodeError::Malformed(
                     "sync marker padding not zero".into(),
                 ));
             }
             Record::SyncMark {
                 offset: u64_at(p, 0),
-                padding: (p.len() - 8) as u16,
+                stretch_start: u64_at(p, 8),
+                stretch_crc: u32_at(p, 16),
+                recycled: flag(p[20], "recycled")?,
+                padding: (p.len() - SYNC_MARK_PREFIX_BYTES) as u16,
             }
         }
         TYPE_ENTRIES => Record::Entries(decode_entries(p)?),
@@ -631,6 +691,7 @@ mod tests {
                 prev_index: 41,
                 prev_term: 3,
                 reset: true,
+                recycled: false,
             },
             Record::Entry(Entry {
                 index: 42,
@@ -656,10 +717,16 @@ mod tests {
             },
             Record::SyncMark {
                 offset: 4096,
+                stretch_start: 100,
+                stretch_crc: 0xdead_beef,
+                recycled: false,
                 padding: 0,
             },
             Record::SyncMark {
                 offset: 8000,
+                stretch_start: 4124,
+                stretch_crc: 7,
+                recycled: true,
                 padding: 168,
             },
             Record::Entries(vec![
@@ -682,6 +749,13 @@ mod tests {
                     data: vec![7; 300],
                 },
             ]),
+            Record::SegmentStart {
+                seq: 8,
+                prev_index: 41,
+                prev_term: 3,
+                reset: false,
+                recycled: true,
+            },
         ]
     }
 
@@ -908,6 +982,9 @@ mod tests {
             &mut buf,
             &Record::SyncMark {
                 offset: 100,
+                stretch_start: 0,
+                stretch_crc: 1,
+                recycled: true,
                 padding: 5,
             },
             salt,
@@ -916,11 +993,14 @@ mod tests {
             &mut buf,
             &Record::SyncMark {
                 offset: 7,
+                stretch_start: 0,
+                stretch_crc: 1,
+                recycled: false,
                 padding: 0,
             },
             salt,
         );
-        let second = 100 + 16 + 8 + 5;
+        let second = 100 + HEADER_BYTES + SYNC_MARK_PREFIX_BYTES + 5;
         buf.extend_from_slice(&[1; 40]);
         let found: Vec<usize> = (0..buf.len())
             .filter(|&at| sync_mark_at(&buf, at, salt))
@@ -938,7 +1018,10 @@ mod tests {
     fn sync_marker_padding_must_be_zero_and_short() {
         let payload = |pad: usize, last: u8| {
             let mut p = 77u64.to_le_bytes().to_vec();
-            p.resize(8 + pad, 0);
+            p.extend_from_slice(&5u64.to_le_bytes());
+            p.extend_from_slice(&9u32.to_le_bytes());
+            p.push(1);
+            p.resize(SYNC_MARK_PREFIX_BYTES + pad, 0);
             if pad > 0 {
                 *p.last_mut().unwrap() = last;
             }
@@ -950,14 +1033,37 @@ mod tests {
             ("too much padding", payload(4096, 0), false),
             ("non-zero padding", payload(10, 1), false),
             ("short", 77u64.to_le_bytes()[..7].to_vec(), false),
+            ("format 2 marker", 77u64.to_le_bytes().to_vec(), false),
+            (
+                "bad recycled flag",
+                {
+                    let mut p = payload(0, 0);
+                    p[20] = 2;
+                    p
+                },
+                false,
+            ),
         ] {
             let mut buf = Vec::new();
             frame_raw(&mut buf, TYPE_SYNC_MARK, &p, S);
             match decode(&buf, S) {
-                Ok((Record::SyncMark { offset, padding }, n)) if ok => {
+                Ok((
+                    Record::SyncMark {
+                        offset,
+                        stretch_start,
+                        stretch_crc,
+                        recycled,
+                        padding,
+                    },
+                    n,
+                )) if ok => {
                     assert_eq!(
-                        (offset, usize::from(padding), n),
-                        (77, p.len() - 8, buf.len())
+                        (offset, stretch_start, stretch_crc, recycled),
+                        (77, 5, 9, true)
+                    );
+                    assert_eq!(
+                        (usize::from(padding), n),
+                        (p.len() - SYNC_MARK_PREFIX_BYTES, buf.len())
                     );
                 }
                 Err(DecodeError::Malformed(_)) if !ok => {}

@@ -53,7 +53,7 @@ pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 << 20;
 pub const WRITE_BUFFER_BYTES_MAX_DEFAULT: usize = 32 << 20;
 
 /// Encoded size of a `SyncMark` record without padding.
-const SYNC_MARK_BYTES: u64 = HEADER_BYTES as u64 + 8;
+const SYNC_MARK_BYTES: u64 = (HEADER_BYTES + record::SYNC_MARK_PREFIX_BYTES) as u64;
 
 /// A sync that writes at least this much pads its marker so that the segment ends on a
 /// page boundary (`PAGE_BYTES`): the next sync then starts on a fresh page instead of
@@ -141,6 +141,16 @@ struct Segment {
     /// The file is a recycled one: past `flushed` it may hold stale bytes of an earlier
     /// life, cut off when the segment is closed.
     recycled: bool,
+    /// The segment was started in a recycled file (its start record says so); unlike
+    /// `recycled`, stays set after recovery cut the stale tail. Recovery then accepts an
+    /// incomplete last sync (a stretch checksum that does not match) as a torn tail.
+    started_recycled: bool,
+    /// Where the current stretch begins: the end of the last sync marker, or 0.
+    stretch_start: u64,
+    /// CRC32C (salted) of the bytes `[stretch_start, crc_upto)`, folded in as they are
+    /// handed to the disk (or, for the buffered rest, when the marker is written).
+    stretch_crc: u32,
+    crc_upto: u64,
 }
 
 impl Segment {
@@ -157,7 +167,24 @@ impl Segment {
             salt: record::segment_salt(seq),
             flushed: 0,
             recycled: false,
+            started_recycled: false,
+            stretch_start: 0,
+            stretch_crc: record::segment_salt(seq),
+            crc_upto: 0,
         }
+    }
+
+    /// Folds the bytes `data`, which go to file offset `offset`, into the stretch
+    /// checksum (the part before `crc_upto` was folded already).
+    fn fold(&mut self, offset: u64, data: &[u8]) {
+        let end = offset + data.len() as u64;
+        if end <= self.crc_upto {
+            return;
+        }
+        assert!(offset <= self.crc_upto, "stretch bytes are folded in order");
+        let skip = (self.crc_upto - offset) as usize;
+        self.stretch_crc = crc32c::crc32c_append(self.stretch_crc, &data[skip..]);
+        self.crc_upto = end;
     }
 }
 
@@ -458,7 +485,11 @@ impl<D: Disk> Wal<D> {
         let total =
             (self.pending.len() + borrowed.iter().map(|(_, d)| d.len()).sum::<usize>()) as u64;
         // Positional: a recycled file is overwritten from its start, not appended to.
+        // The stretch checksum is folded over the bytes as they go out (one more pass of
+        // CRC32C over data mostly still in the CPU cache).
+        let seg = self.segments.last_mut().expect("active segment");
         let r = if borrowed.is_empty() {
+            seg.fold(offset, &self.pending);
             self.disk.write_at(&path, offset, &self.pending)
         } else {
             let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * borrowed.len() + 1);
@@ -469,6 +500,11 @@ impl<D: Disk> Wal<D> {
                 from = at;
             }
             parts.push(&self.pending[from..]);
+            let mut at = offset;
+            for part in &parts {
+                seg.fold(at, part);
+                at += part.len() as u64;
+            }
             self.disk.write_parts_at(&path, offset, &parts)
         };
         if let Err(e) = r {
@@ -515,18 +551,37 @@ impl<D: Disk> Wal<D> {
         if !self.unmarked {
             return Ok(());
         }
-        let seg = self.segments.last().expect("active segment");
+        let seg = self.segments.last_mut().expect("active segment");
         let offset = seg.bytes;
+        // The buffer holds exactly the bytes from `flushed` on: fold what the stretch
+        // checksum has not seen yet.
+        debug_assert_eq!(seg.flushed + self.pending.len() as u64, offset);
+        seg.fold(seg.flushed, &self.pending);
+        assert_eq!(
+            seg.crc_upto, offset,
+            "the stretch checksum covers the stretch"
+        );
         let padding = if offset - seg.marked_bytes >= self.sync_pad_min {
             (PAGE_BYTES - (offset + SYNC_MARK_BYTES) % PAGE_BYTES) % PAGE_BYTES
         } else {
             0
         };
         let padding = u16::try_from(padding).expect("below one page");
-        self.put(&Record::SyncMark { offset, padding })?;
+        let mark = Record::SyncMark {
+            offset,
+            stretch_start: seg.stretch_start,
+            stretch_crc: seg.stretch_crc,
+            recycled: seg.started_recycled,
+            padding,
+        };
+        self.put(&mark)?;
         let seg = self.active();
         debug_assert_eq!(seg.bytes, offset + SYNC_MARK_BYTES + u64::from(padding));
         seg.marked_bytes = seg.bytes;
+        // The next stretch begins after this marker.
+        seg.stretch_start = seg.bytes;
+        seg.crc_upto = seg.bytes;
+        seg.stretch_crc = seg.salt;
         self.unmarked = false;
         Ok(())
     }
@@ -597,6 +652,7 @@ impl<D: Disk> Wal<D> {
                 return Err(self.fail(io_err(&spare, e)));
             }
             seg.recycled = true;
+            seg.started_recycled = true;
             self.segments_recycled += 1;
             self.dir_dirty = true;
             self.fsync_dir()?;
@@ -610,6 +666,7 @@ impl<D: Disk> Wal<D> {
             prev_index,
             prev_term,
             reset: reset.is_some(),
+            recycled: self.segments.last().expect("just pushed").started_recycled,
         })?;
         if self.hard_state != HardState::default() {
             let hs = self.hard_state;
@@ -711,6 +768,38 @@ impl<D: Disk> Wal<D> {
         Ok(self.last)
     }
 
+    /// A bad record in the newest segment, whose first valid sync marker after it is at
+    /// `m`: whether the sync that wrote that marker never completed, so the bad record is
+    /// a torn write although a marker follows. Only in a segment written into a recycled
+    /// file: its `fdatasync`s overwrite blocks the file owns, and a power cut during one
+    /// can keep a later page (the marker) and lose an earlier one (for appended bytes the
+    /// file system commits the size after the data, so no marker can outlive them). The
+    /// sync never completed iff the marker's stretch is the one the bad record is in
+    /// (it begins at `mark_end`, the end of the last valid marker, at or before the bad
+    /// record), its checksum does not match the bytes on disk, and no valid marker
+    /// follows (a later sync starts only after this one returned). A stretch that
+    /// matches holds no bad record, so that case stays corruption (a bug or damage).
+    /// The price: media damage inside the final synced stretch of a recycled newest
+    /// segment, with nothing synced after it, is cut off instead of reported
+    /// (docs/storage.md, "Known limits").
+    fn sync_never_completed(buf: &[u8], m: usize, mark_end: u64, salt: u32) -> bool {
+        let Ok((
+            Record::SyncMark {
+                stretch_start,
+                stretch_crc,
+                recycled: true,
+                ..
+            },
+            n,
+        )) = record::decode(&buf[m..], salt)
+        else {
+            return false;
+        };
+        stretch_start == mark_end
+            && record::stretch_crc(salt, &buf[mark_end as usize..m]) != stretch_crc
+            && record::find_sync_mark(buf, m + n, salt).is_none()
+    }
+
     fn corrupt(path: &Path, offset: u64, detail: impl Into<String>) -> StorageError {
         StorageError::Corrupt {
             path: path.display().to_string(),
@@ -788,6 +877,9 @@ impl<D: Disk> Wal<D> {
             let mut at = 0usize;
             // Whether the last record kept so far is a sync marker.
             let mut marked = false;
+            // Where the last valid sync marker ends (0 before the first): where the
+            // stretch of the next marker must begin.
+            let mut mark_end = 0u64;
             let mut has_hard_state = false;
             while at < buf.len() {
                 let rec_at = at as u64;
@@ -806,14 +898,33 @@ impl<D: Disk> Wal<D> {
                                  does not read",
                             ));
                         }
+                        if at == 0 && record::is_format_2_start(&buf, salt) {
+                            return Err(Self::corrupt(
+                                &path,
+                                0,
+                                "segment written in an older on-disk format (format 2: sync \
+                                 markers without stretch checksums), which this version \
+                                 does not read",
+                            ));
+                        }
                         // The end of the log iff nothing synced can follow: every synced
                         // stretch ends with a sync marker, so a valid marker of this
                         // segment (this seq's salt, naming its own offset) anywhere after
                         // the bad record means synced data is damaged. Stale bytes of a
                         // recycled file's earlier life and zeros hold no such marker.
+                        // One exception, in recycled segments only: the sync that ended
+                        // with that marker never completed (see `sync_never_completed`).
                         let torn = is_last
                             && !matches!(err, DecodeError::Malformed(_))
-                            && record::find_sync_mark(&buf, at + 1, salt).is_none();
+                            && match record::find_sync_mark(&buf, at + 1, salt) {
+                                None => true,
+                                Some(m) => {
+                                    // The start record's flag, unless it is the bad record.
+                                    let start_says = (at > 0).then_some(seg.started_recycled);
+                                    start_says != Some(false)
+                                        && Self::sync_never_completed(&buf, m, mark_end, salt)
+                                }
+                            };
                         if !torn {
                             return Err(Self::corrupt(&path, at as u64, err.to_string()));
                         }
@@ -826,6 +937,26 @@ impl<D: Disk> Wal<D> {
                 };
                 marked = matches!(rec, Record::SyncMark { .. });
                 has_hard_state |= matches!(rec, Record::HardState(_));
+                if let Record::SyncMark {
+                    stretch_start,
+                    recycled,
+                    ..
+                } = rec
+                {
+                    if stretch_start != mark_end || recycled != seg.started_recycled {
+                        return Err(Self::corrupt(
+                            &path,
+                            rec_at,
+                            format!(
+                                "sync marker's stretch begins at byte offset {stretch_start} \
+                                 (recycled {recycled}), but the previous marker ends at \
+                                 {mark_end} (recycled {})",
+                                seg.started_recycled
+                            ),
+                        ));
+                    }
+                    mark_end = at as u64;
+                }
                 self.replay_record(&mut rp, &mut seg, rec, pos, &path, rec_at)?;
                 seg.bytes = at as u64;
             }
@@ -870,6 +1001,13 @@ impl<D: Disk> Wal<D> {
             }
             seg.marked_bytes = seg.bytes;
             seg.flushed = seg.bytes;
+            // The next marker's stretch begins after the last one: it also covers records
+            // that survived a crash unsynced, so that recovery's own sync of them is
+            // covered like any other.
+            seg.stretch_start = mark_end.min(seg.bytes);
+            seg.stretch_crc =
+                record::stretch_crc(salt, &buf[seg.stretch_start as usize..seg.bytes as usize]);
+            seg.crc_upto = seg.bytes;
             newest_has_hard_state = has_hard_state;
             self.segments.push(seg);
         }
@@ -1048,6 +1186,7 @@ impl<D: Disk> Wal<D> {
                 prev_index,
                 prev_term,
                 reset,
+                recycled,
             } => {
                 if !first_record {
                     return Err(bad("segment start record in the middle of a segment".into()));
@@ -1067,6 +1206,7 @@ impl<D: Disk> Wal<D> {
                     }
                 }
                 seg.reset = reset;
+                seg.started_recycled = recycled;
                 if reset || pos == 0 {
                     rp.base = prev_index;
                     rp.base_term = Some(prev_term);

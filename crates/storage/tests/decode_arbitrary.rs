@@ -34,6 +34,7 @@ fn valid_records() -> Vec<u8> {
             prev_index: 0,
             prev_term: 0,
             reset: true,
+            recycled: false,
         },
         Record::Entry(Entry {
             index: 1,
@@ -53,6 +54,9 @@ fn valid_records() -> Vec<u8> {
         },
         Record::SyncMark {
             offset: 120,
+            stretch_start: 0,
+            stretch_crc: 0,
+            recycled: false,
             padding: 3,
         },
         Record::Entries(vec![

@@ -218,7 +218,7 @@ fn bad_checksum_of_the_very_last_record_and_zero_filled_tail_count_as_torn() {
         "the hard state before the marker is kept"
     );
     // Cut back to the damaged marker, then a fresh marker was written and synced.
-    assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64 + 24);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64 + 37);
 }
 
 #[test]
@@ -730,9 +730,16 @@ fn damage_to_a_synced_record_of_a_recycled_segment_is_corruption() {
     copy_dir(&d.0, &synced.0);
     let newest = segments(&synced.0).pop().unwrap();
     let offsets = record_offsets_prefix(&newest);
-    // Every record but the final sync marker: a middle one, and the last one with data.
+    // A middle record, and the last one with data before the last marker but one: every
+    // record of a completed stretch followed by a later sync (damage inside the final
+    // stretch of a recycled segment is taken for an incomplete sync, see
+    // `an_incomplete_sync_of_a_recycled_segment_is_a_torn_tail`).
+    let marks = marker_offsets(&newest);
+    assert!(marks.len() >= 2, "{marks:?}");
+    let penultimate = marks[marks.len() - 2];
+    let before = *offsets.iter().filter(|&&o| o < penultimate).last().unwrap();
     let n = offsets.len();
-    for at in [offsets[n / 2], offsets[n - 2]] {
+    for at in [offsets[n / 2], before] {
         let copy = TempDir::new(&format!("recycled-damage-{at}"));
         copy_dir(&synced.0, &copy.0);
         let seg = copy.0.join("wal").join(newest.file_name().unwrap());
@@ -767,6 +774,20 @@ fn damage_to_a_synced_record_of_a_recycled_segment_is_corruption() {
         Wal::open(&d.0, opts(4096)),
         Err(StorageError::Corrupt { offset, .. }) if offset == at as u64
     ));
+}
+
+/// Offsets of the valid sync markers at the start of a segment file.
+fn marker_offsets(path: &Path) -> Vec<usize> {
+    let bytes = fs::read(path).unwrap();
+    record_offsets_prefix(path)
+        .into_iter()
+        .filter(|&at| {
+            matches!(
+                record::decode(&bytes[at..], salt_of(path)),
+                Ok((record::Record::SyncMark { .. }, _))
+            )
+        })
+        .collect()
 }
 
 /// Offsets of the valid records at the start of a segment file (up to stale bytes).
@@ -804,16 +825,23 @@ fn a_segment_of_the_old_unsalted_format_is_refused() {
             prev_index: 0,
             prev_term: 0,
             reset: true,
+            recycled: false,
         },
         record::Record::Entries(ents(1..=3, 1)),
         record::Record::SyncMark {
             offset: 0,
+            stretch_start: 0,
+            stretch_crc: 0,
+            recycled: false,
             padding: 0,
         },
     ] {
         let r = match r {
             record::Record::SyncMark { padding, .. } => record::Record::SyncMark {
                 offset: buf.len() as u64,
+                stretch_start: 0,
+                stretch_crc: 0,
+                recycled: false,
                 padding,
             },
             r => r,
