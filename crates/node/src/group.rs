@@ -408,12 +408,12 @@ where
         metrics: metrics.clone(),
         max_request_bytes: config.limits.max_request_bytes,
     };
-    let (snap_writer, snap_done) = match store.snapshot_writer() {
+    let (snap_writer, snap_done, snap_thread) = match store.snapshot_writer() {
         Some(w) => {
-            let (tx, done) = spawn_snapshot_writer(w, group, config.id)?;
-            (Some(tx), Some(done))
+            let (tx, done, thread) = spawn_snapshot_writer(w, group, config.id)?;
+            (Some(tx), Some(done), Some(thread))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let driver = Driver {
         id: config.id,
@@ -465,6 +465,12 @@ where
                 .build()
                 .expect("a current-thread runtime");
             rt.block_on(driver.run(in_rx, req_rx, snap_done, shutdown));
+            // `run` dropped both ends of the snapshot thread's channels: it finishes the
+            // snapshot it may be writing and ends. Waiting for it means that once this
+            // group's thread is joined, nothing touches its data folder any more.
+            if let Some(t) = snap_thread {
+                let _ = t.join();
+            }
         })
         .map_err(|e| format!("group {group}: spawning its thread: {e}"))?;
     Ok((handle, thread))
@@ -483,6 +489,13 @@ type SnapshotJob = Box<dyn FnOnce() -> Snapshot + Send>;
 const APPLY_BACKLOG_MAX: usize = 65_536;
 const APPLY_BACKLOG_BYTES_MAX: usize = 64 << 20;
 
+/// The snapshot thread's job queue, its results, and the thread itself.
+type SnapshotThread = (
+    std::sync::mpsc::SyncSender<SnapshotJob>,
+    mpsc::Receiver<SnapshotDone>,
+    std::thread::JoinHandle<()>,
+);
+
 /// Starts the thread that serializes and writes this group's own snapshots. It takes one
 /// snapshot at a time (the group takes no new one while one is in flight) and ends when
 /// the group drops its sender.
@@ -490,16 +503,10 @@ fn spawn_snapshot_writer(
     writer: SnapshotWriter,
     group: GroupId,
     id: NodeId,
-) -> Result<
-    (
-        std::sync::mpsc::SyncSender<SnapshotJob>,
-        mpsc::Receiver<SnapshotDone>,
-    ),
-    String,
-> {
+) -> Result<SnapshotThread, String> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<SnapshotJob>(1);
     let (done_tx, done_rx) = mpsc::channel::<SnapshotDone>(1);
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("snap-{group}-n{id}"))
         .spawn(move || {
             while let Ok(job) = rx.recv() {
@@ -511,7 +518,7 @@ fn spawn_snapshot_writer(
             }
         })
         .map_err(|e| format!("group {group}: spawning its snapshot writer: {e}"))?;
-    Ok((tx, done_rx))
+    Ok((tx, done_rx, thread))
 }
 
 /// Receives from an optional channel; never resolves without one.
