@@ -2,7 +2,7 @@
 # Resident memory of Concord nodes holding many keys.
 #
 # Starts a 3-node cluster of separate `concord start` processes on loopback (ports
-# 41379.., data under a fresh temporary folder), writes KEYS distinct keys of VALUE bytes
+# 16379.., data under a fresh temporary folder), writes KEYS distinct keys of VALUE bytes
 # each with `concord-bench` (its preload phase writes every key once, then a short get
 # load runs), and prints each node's resident memory (VmRSS) and peak (VmHWM) from
 # /proc, plus the size of its data folder. Stops the cluster and removes the data on exit.
@@ -67,7 +67,7 @@ if [ "$SYSTEM" = etcd ]; then
     sleep 0.5
   done
 else
-  BASE=41379
+  BASE=16379  # below the ephemeral range (32768+): an outgoing connection cannot hold it
   PEERS="1=127.0.0.1:$((BASE + 1)),2=127.0.0.1:$((BASE + 101)),3=127.0.0.1:$((BASE + 201))"
   ENDPOINTS=""
   for id in 1 2 3; do
@@ -87,6 +87,14 @@ else
   done
   "$CONCORD" status --endpoints "$ADMIN" || true
 fi
+# A member that exited at start (a port taken, a bad flag) makes every figure below wrong.
+for i in "${!PIDS[@]}"; do
+  if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
+    echo "node $((i + 1)) exited at start; its log:" >&2
+    tail -5 "$DIR/node$((i + 1)).log" >&2
+    exit 1
+  fi
+done
 
 rss() { awk -v k="$2" '$1 == k":" { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
 report() {
