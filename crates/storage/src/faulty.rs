@@ -273,6 +273,20 @@ mod tests {
     use super::*;
     use concord_consensus::EntryKind;
 
+    /// Recovery must fail with `Corrupt` at exactly the record `c` damaged.
+    fn assert_reported(s: &mut FaultyStore, c: &Corruption, seed: u64) {
+        match s.recover() {
+            Err(StorageError::Corrupt { path, offset, .. }) => {
+                assert_eq!(
+                    (path, offset),
+                    (c.path.clone(), c.record_offset),
+                    "seed {seed}"
+                );
+            }
+            other => panic!("seed {seed}: expected Corrupt at {c:?}, got {other:?}"),
+        }
+    }
+
     fn fill(store: &mut FaultyStore, n: u64) {
         for i in 1..=n {
             let e = Entry {
@@ -318,16 +332,7 @@ mod tests {
             fill(&mut s, 60);
             assert!(s.wal().segment_count() > 1);
             let c = s.corrupt_random_record(seed).expect("records exist");
-            match s.recover() {
-                Err(StorageError::Corrupt { path, offset, .. }) => {
-                    assert_eq!(
-                        (path, offset),
-                        (c.path.clone(), c.record_offset),
-                        "seed {seed}"
-                    );
-                }
-                other => panic!("seed {seed}: expected Corrupt at {c:?}, got {other:?}"),
-            }
+            assert_reported(&mut s, &c, seed);
             assert!(s.is_crashed(), "a store that failed recovery stays down");
         }
     }
@@ -406,16 +411,7 @@ mod tests {
             assert_eq!(s.wal().segment_count(), 1);
             let c = s.corrupt_random_record(seed).expect("records exist");
             assert!(c.newest_segment);
-            match s.recover() {
-                Err(StorageError::Corrupt { path, offset, .. }) => {
-                    assert_eq!(
-                        (path, offset),
-                        (c.path.clone(), c.record_offset),
-                        "seed {seed}"
-                    );
-                }
-                other => panic!("seed {seed}: expected Corrupt at {c:?}, got {other:?}"),
-            }
+            assert_reported(&mut s, &c, seed);
         }
     }
 
@@ -577,16 +573,7 @@ mod tests {
         for seed in 0..200u64 {
             let (mut s, _) = recycled_store();
             let c = s.corrupt_random_record(seed).expect("records exist");
-            match s.recover() {
-                Err(StorageError::Corrupt { path, offset, .. }) => {
-                    assert_eq!(
-                        (path, offset),
-                        (c.path.clone(), c.record_offset),
-                        "seed {seed}"
-                    );
-                }
-                other => panic!("seed {seed}: expected Corrupt at {c:?}, got {other:?}"),
-            }
+            assert_reported(&mut s, &c, seed);
         }
     }
 }

@@ -57,6 +57,19 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The checksum salt of a segment file's records, from the seq in its name.
+/// Opening must fail with `Corrupt` naming `seg` and the record at byte `offset`.
+fn expect_corrupt_at(opened: concord_storage::Result<Wal>, seg: &Path, offset: u64) {
+    match opened {
+        Err(StorageError::Corrupt {
+            path, offset: at, ..
+        }) => {
+            assert_eq!((Path::new(&path), at), (seg, offset));
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("expected Corrupt, got a WAL"),
+    }
+}
+
 fn salt_of(path: &Path) -> u32 {
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
     record::segment_salt(concord_storage::wal::segment_seq(&name).expect("a segment name"))
@@ -154,13 +167,7 @@ fn corruption_in_an_older_segment_is_reported_even_in_its_last_record() {
     let seg = &segs[1];
     let last = *record_offsets(seg).last().unwrap();
     flip(seg, last + 17);
-    match Wal::open(&d.0, opts(4096)) {
-        Err(StorageError::Corrupt { path, offset, .. }) => {
-            assert_eq!((Path::new(&path), offset), (seg.as_path(), last as u64));
-        }
-        Err(e) => panic!("expected Corrupt, got {e}"),
-        Ok(_) => panic!("expected Corrupt, got a WAL"),
-    }
+    expect_corrupt_at(Wal::open(&d.0, opts(4096)), seg, last as u64);
 }
 
 #[test]
@@ -239,13 +246,7 @@ fn damage_to_the_last_synced_hard_state_is_corruption() {
         })
         .expect("a hard state record");
     flip(&seg, hs + 18);
-    match Wal::open(&d.0, opts(64 << 20)) {
-        Err(StorageError::Corrupt { path, offset, .. }) => {
-            assert_eq!((Path::new(&path), offset), (seg.as_path(), hs as u64));
-        }
-        Err(e) => panic!("expected Corrupt, got {e}"),
-        Ok(_) => panic!("expected Corrupt, got a WAL"),
-    }
+    expect_corrupt_at(Wal::open(&d.0, opts(64 << 20)), &seg, hs as u64);
 }
 
 #[test]
@@ -1050,13 +1051,7 @@ fn the_same_loss_in_an_appended_segment_is_corruption() {
     let (start, _) = one_sync(&mut wal, &seg, 20, 3);
     drop(wal);
     lose_bytes(&seg, &old, start..start + 16);
-    match Wal::open(&d.0, opts(64 << 20)) {
-        Err(StorageError::Corrupt { path, offset, .. }) => {
-            assert_eq!((Path::new(&path), offset), (seg.as_path(), start as u64));
-        }
-        Err(e) => panic!("expected Corrupt, got {e}"),
-        Ok(_) => panic!("expected Corrupt, got a WAL"),
-    }
+    expect_corrupt_at(Wal::open(&d.0, opts(64 << 20)), &seg, start as u64);
 }
 
 /// Damage to a stretch whose sync completed (a later sync's marker follows) is
