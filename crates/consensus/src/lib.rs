@@ -28,6 +28,7 @@ use std::fmt;
 
 pub mod paxos;
 pub mod raft;
+mod serde_bytes;
 
 /// Identifies a replica. `0` is never a valid node id (it means "none").
 pub type NodeId = u64;
@@ -66,6 +67,7 @@ pub struct Entry {
     pub index: u64,
     pub term: u64,
     pub kind: EntryKind,
+    #[serde(with = "crate::serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -234,6 +236,7 @@ pub struct SnapshotMeta {
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub meta: SnapshotMeta,
+    #[serde(with = "crate::serde_bytes")]
     pub data: Vec<u8>,
 }
 
