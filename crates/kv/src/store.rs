@@ -478,11 +478,12 @@ impl KvStore {
     fn put_in(&mut self, ctx: &mut WriteCtx, req: PutRequest) -> PutResponse {
         let rev = ctx.rev;
         let key: Box<[u8]> = req.key.into_boxed_slice();
-        if !self.keys.contains_key(&*key) {
-            // The map takes its own copy only for a new key.
-            self.keys.insert(key.clone(), Vec::with_capacity(1));
-        }
-        let hist = self.keys.get_mut(&*key).expect("inserted above");
+        // One search of the map (a copy of a short key costs less than a second search of
+        // a large map); the copy is dropped unless the key is new.
+        let hist = self
+            .keys
+            .entry(key.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
         let is_new_key = hist.is_empty();
         // A key is written at most once per transaction (the duplicate-key check), but if a
         // path slipped through, replacing the version in place keeps the history valid.
@@ -495,19 +496,23 @@ impl KvStore {
             }
             ctx.events.retain(|e| e.kv.key.as_slice() != &*key);
         }
-        let prev = hist.last().filter(|v| v.is_live()).cloned();
-        let (create_rev, version) = match &prev {
+        // What the new version needs from the live previous one; its value is copied only
+        // for `ignore_value` and for the event (one copy, shared with the response below).
+        let prev = hist.last().filter(|v| v.is_live());
+        let (create_rev, version) = match prev {
             Some(p) => (p.create_rev, p.version + 1),
             None => (rev, 1),
         };
-        let value: Box<[u8]> = match (&prev, req.ignore_value) {
+        let value: Box<[u8]> = match (prev, req.ignore_value) {
             (Some(p), true) => p.value.clone().expect("live version has a value"),
             _ => req.value.into_boxed_slice(),
         };
-        let lease = match (&prev, req.ignore_lease) {
+        let old_lease = prev.map_or(NO_LEASE, |p| p.lease);
+        let lease = match (prev, req.ignore_lease) {
             (Some(p), true) => p.lease,
             _ => req.lease,
         };
+        let prev_kv = prev.map(|p| p.to_kv(&key, false));
         let new = Version {
             mod_rev: rev,
             create_rev,
@@ -528,10 +533,9 @@ impl KvStore {
         }
         hist.push(new);
         self.version_count += 1;
-        if prev.is_none() {
+        if prev_kv.is_none() {
             self.key_count += 1;
         }
-        let old_lease = prev.as_ref().map_or(NO_LEASE, |p| p.lease);
         if old_lease != lease {
             self.detach(old_lease, &key);
             if lease != NO_LEASE {
@@ -542,15 +546,15 @@ impl KvStore {
                 l.keys.insert(key.clone());
             }
         }
-        let prev_kv = prev.map(|p| p.to_kv(&key, false));
+        let resp_prev = if req.prev_kv { prev_kv.clone() } else { None };
         ctx.events.push(Event {
             kind: EventKind::Put,
             kv: new_kv,
-            prev_kv: prev_kv.clone(),
+            prev_kv,
         });
         PutResponse {
             header: ResponseHeader::default(),
-            prev_kv: if req.prev_kv { prev_kv } else { None },
+            prev_kv: resp_prev,
         }
     }
 
