@@ -351,9 +351,20 @@ mod tests {
         }
     }
 
+    /// A store whose new segments append instead of being zero-filled ahead (as before
+    /// preallocation, and as a format-3 segment of an older version reopened): read with
+    /// the strict rule, where damage anywhere before the last marker is reported.
+    fn appending_store() -> FaultyStore {
+        FaultyStore::with_options(WalOptions {
+            segment_bytes_max: SIM_SEGMENT_BYTES_MAX,
+            prealloc_chunk_bytes: 0,
+            ..WalOptions::default()
+        })
+    }
+
     #[test]
     fn a_fresh_store_has_only_its_segment_start_to_corrupt() {
-        let mut s = FaultyStore::new();
+        let mut s = appending_store();
         let c = s
             .corrupt_random_record(1)
             .expect("the segment start qualifies");
@@ -364,11 +375,13 @@ mod tests {
 
     /// The last record that carries data, synced, then damaged: before sync markers it
     /// was the last record of the file and recovery cut it off as a torn tail, silently
-    /// losing an acknowledged entry. Now the marker after it makes it corruption.
+    /// losing an acknowledged entry. Now the marker after it makes it corruption. (In a
+    /// segment written in place, damage in the final stretch is the accepted limit, see
+    /// `corrupt_random_record`; hence an appending store here.)
     #[test]
     fn damage_to_the_last_synced_entry_is_corruption_not_a_torn_tail() {
         for (pos, mask) in [(0usize, 1u8), (5, 0x80), (20, 4), (40, 2)] {
-            let mut s = FaultyStore::new();
+            let mut s = appending_store();
             fill(&mut s, 5);
             let (path, bytes) = s
                 .wal()

@@ -45,6 +45,15 @@ fn opts(segment_bytes_max: u64) -> WalOptions {
     }
 }
 
+/// New segments append instead of being zero-filled ahead (as before preallocation, and
+/// as a format-3 segment of an older version reopened): read with the strict rule.
+fn appending_opts(segment_bytes_max: u64) -> WalOptions {
+    WalOptions {
+        prealloc_chunk_bytes: 0,
+        ..opts(segment_bytes_max)
+    }
+}
+
 /// Segment files, oldest first.
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir.join("wal"))
@@ -84,7 +93,11 @@ fn record_offsets(path: &Path) -> Vec<usize> {
         v.push(at);
         at += n;
     }
-    assert_eq!(at, bytes.len(), "test setup: the file decodes fully");
+    assert_eq!(
+        record::nonzero_end(&bytes[at..]),
+        0,
+        "test setup: the file decodes fully, up to a zero-filled tail"
+    );
     v
 }
 
@@ -95,7 +108,11 @@ fn flip(path: &Path, offset: usize) {
 }
 
 fn write_log(dir: &Path, n: u64, segment_bytes_max: u64) {
-    let mut wal = Wal::open(dir, opts(segment_bytes_max)).unwrap();
+    write_log_with(dir, n, opts(segment_bytes_max));
+}
+
+fn write_log_with(dir: &Path, n: u64, opts: WalOptions) {
+    let mut wal = Wal::open(dir, opts).unwrap();
     for i in (1..=n).step_by(10) {
         wal.append(&ents(i..=(i + 9).min(n), 1)).unwrap();
         wal.set_hard_state(HardState {
@@ -224,14 +241,24 @@ fn bad_checksum_of_the_very_last_record_and_zero_filled_tail_count_as_torn() {
         r.hard_state.commit, 11,
         "the hard state before the marker is kept"
     );
-    // Cut back to the damaged marker, then a fresh marker was written and synced.
-    assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64 + 37);
+    // Cut back to the damaged marker, then a fresh marker was written and synced (and,
+    // the segment being preallocated, zeros after it).
+    assert_eq!(wal.active_segment_bytes().0, last as u64 + 37);
+    assert_eq!(valid_end(&seg), last + 37);
+    let len = fs::metadata(&seg).unwrap().len();
+    assert_eq!(len, wal.active_segment_bytes().1);
+    assert!(
+        len > last as u64 + 37 + 4096,
+        "zero-filled ahead again: {len}"
+    );
 }
 
+/// In an appending segment (written in place, damage in the final stretch is the
+/// accepted limit: see `damage_to_synced_data_of_a_preallocated_segment_is_corruption`).
 #[test]
 fn damage_to_the_last_synced_hard_state_is_corruption() {
     let d = TempDir::new("last-hs");
-    write_log(&d.0, 20, 64 << 20);
+    write_log_with(&d.0, 20, appending_opts(64 << 20));
     let seg = segments(&d.0).pop().unwrap();
     // [..., entry 20, hard state, sync marker]: the hard state is the last record with
     // data. Without the marker after it, this damage would be cut off as a torn tail.
@@ -246,7 +273,7 @@ fn damage_to_the_last_synced_hard_state_is_corruption() {
         })
         .expect("a hard state record");
     flip(&seg, hs + 18);
-    expect_corrupt_at(Wal::open(&d.0, opts(64 << 20)), &seg, hs as u64);
+    expect_corrupt_at(Wal::open(&d.0, appending_opts(64 << 20)), &seg, hs as u64);
 }
 
 #[test]
@@ -472,6 +499,15 @@ fn a_newest_segment_without_its_start_record_is_dropped() {
     let next =
         d.0.join("wal")
             .join("00000000000000000002-00000000000000000021.wal");
+    // The roll cut segment 1 to its records (its zeros written ahead) before that.
+    let first = segments(&d.0).pop().unwrap();
+    let end = valid_end(&first) as u64;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_len(end)
+        .unwrap();
     fs::write(&next, [0x11u8, 0x22, 0x33]).unwrap();
     let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
     assert_eq!(wal.recover().unwrap().entries, ents(1..=20, 1));
@@ -629,7 +665,9 @@ fn a_large_sync_ends_on_a_page_boundary() {
         wal.append(&b).unwrap();
         all.extend(b);
         wal.sync().unwrap();
-        let len = fs::metadata(&seg).unwrap().len();
+        // Where the records end (the file may go on with zeros written ahead).
+        let len = wal.active_segment_bytes().0;
+        assert_eq!(len, valid_end(&seg) as u64);
         if k % 2 == 0 {
             assert_eq!(
                 len % 4096,
@@ -1021,7 +1059,7 @@ fn every_stretch_checksum_matches_what_was_written() {
         .collect();
     wal.append(&big).unwrap();
     drop(wal);
-    let len = fs::metadata(&seg).unwrap().len();
+    let len = valid_end(&seg) as u64;
     assert!(len as usize > end + 10);
     fs::OpenOptions::new()
         .write(true)
@@ -1044,14 +1082,19 @@ fn every_stretch_checksum_matches_what_was_written() {
 #[test]
 fn the_same_loss_in_an_appended_segment_is_corruption() {
     let d = TempDir::new("appended-incomplete-sync");
-    write_log(&d.0, 20, 64 << 20);
+    write_log_with(&d.0, 20, appending_opts(64 << 20));
     let seg = segments(&d.0).pop().unwrap();
     let old = fs::read(&seg).unwrap();
-    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    let mut wal = Wal::open(&d.0, appending_opts(64 << 20)).unwrap();
+    assert!(!wal.active_segment_in_place());
     let (start, _) = one_sync(&mut wal, &seg, 20, 3);
     drop(wal);
     lose_bytes(&seg, &old, start..start + 16);
-    expect_corrupt_at(Wal::open(&d.0, opts(64 << 20)), &seg, start as u64);
+    expect_corrupt_at(
+        Wal::open(&d.0, appending_opts(64 << 20)),
+        &seg,
+        start as u64,
+    );
 }
 
 /// Damage to a stretch whose sync completed (a later sync's marker follows) is
