@@ -178,6 +178,9 @@ struct Segment {
     /// checksum that does not match) as a torn tail, and only such a segment is
     /// zero-filled ahead.
     in_place: bool,
+    /// Started in this life as a new file zero-filled ahead (not a spare, not reopened):
+    /// only for tests that want a crash inside such a segment's zero tail.
+    new_zero_filled: bool,
     /// Where the current stretch begins: the end of the last sync marker, or 0.
     stretch_start: u64,
     /// CRC32C (salted) of the bytes `[stretch_start, crc_upto)`, folded in as they are
@@ -202,6 +205,7 @@ impl Segment {
             filled: 0,
             synced: 0,
             in_place: false,
+            new_zero_filled: false,
             stretch_start: 0,
             stretch_crc: record::segment_salt(seq),
             crc_upto: 0,
@@ -483,6 +487,18 @@ impl<D: Disk> Wal<D> {
             .last()
             .expect("there is always an active segment")
             .in_place
+    }
+
+    /// Whether a crash now would hit a segment started as a new, zero-filled file (not a
+    /// spare) inside its zero tail: records written since its last fsync, and zeros
+    /// after them. For the model test, which must see such crashes.
+    #[doc(hidden)]
+    pub fn crash_would_hit_a_zero_tail_for_tests(&self) -> bool {
+        let seg = self
+            .segments
+            .last()
+            .expect("there is always an active segment");
+        seg.new_zero_filled && seg.bytes > seg.synced && seg.filled > seg.synced
     }
 
     /// Zero bytes written ahead of the records since opening (preallocation).
@@ -773,6 +789,7 @@ impl<D: Disk> Wal<D> {
             // Zero-filled ahead of its writes if preallocation is on, so written in place
             // like a recycled file and read with the same rules.
             seg.in_place = self.opts.prealloc_chunk_bytes > 0;
+            seg.new_zero_filled = seg.in_place;
             self.dir_dirty = true;
         }
         self.segments.push(seg);
