@@ -450,7 +450,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = fs::remove_dir_all(dir.join("wal-no-prealloc"));
     }
     let with_overwrite = overwrite.is_some() || vs_no_prealloc;
-    if with_overwrite {
+    if overwrite.is_some() {
         drop(overwrite);
         fs::remove_file(&overwrite_path)?;
     }
@@ -472,7 +472,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{extra_rule}");
     for (size, batch, r, w, wal_disk_bytes, ratios, o) in &cells {
-        let size_label = if *size >= 1024 {
+        let size_label = if *size >= 1024 && size % 1024 == 0 {
             format!("{} KiB", size / 1024)
         } else {
             format!("{size} B")
