@@ -120,7 +120,8 @@ impl FaultyStore {
     /// Every durable record qualifies except the very last one of the newest segment:
     /// damage there looks exactly like a torn write. Since every fsync is preceded by a
     /// sync marker, that last record is a marker, which holds no data. In a segment
-    /// started in a recycled file, the records of that marker's stretch do not qualify
+    /// written in place (started in a recycled file, or zero-filled ahead: every segment
+    /// unless preallocation is off), the records of that marker's stretch do not qualify
     /// either: recovery takes damage there for an incomplete sync and cuts it off. Recovery reads every durable segment, so the next `recover`
     /// must report `StorageError::Corrupt` at `path` and `record_offset`, unless the
     /// store first deletes the damaged segment (a snapshot covering it): then the damage
@@ -154,8 +155,8 @@ impl FaultyStore {
                 at += n;
             }
         }
-        // The last record (a marker) always goes; in a segment started in a recycled
-        // file, its whole stretch too: damage there, with no sync after it, is what a
+        // The last record (a marker) always goes; in a segment written in place, its
+        // whole stretch too: damage there, with no sync after it, is what a
         // power cut during that sync leaves (an earlier page lost, the marker kept), so
         // recovery cuts it off as an incomplete sync instead of reporting it (the
         // accepted limit, docs/storage.md "Known limits").
