@@ -1035,6 +1035,33 @@ mod tests {
         assert_eq!(find_sync_mark(&buf[..10], 0, salt), None);
         assert!(!sync_mark_at(&buf, 100, segment_salt(5)));
         assert!(!sync_mark_at(&buf[..second - 1], 100, salt), "cut marker");
+        // Followed by a zero tail (preallocation), of any length: the marker, which ends
+        // in zero padding, is still found, and nothing in the zeros.
+        let mut zeros = buf[..second].to_vec();
+        for extra in [0, 1, 63, 64, 65, 5000] {
+            zeros.resize(second + extra, 0);
+            assert_eq!(find_sync_mark(&zeros, 0, salt), Some(100), "{extra}");
+            assert_eq!(find_sync_mark(&zeros, 101, salt), None, "{extra}");
+        }
+    }
+
+    /// `nonzero_end` against the obvious byte-by-byte definition, around its 64-byte
+    /// blocks.
+    #[test]
+    fn nonzero_end_is_the_length_without_trailing_zeros() {
+        assert_eq!(nonzero_end(&[]), 0);
+        for len in [1usize, 63, 64, 65, 127, 128, 129, 1000] {
+            assert_eq!(nonzero_end(&vec![0u8; len]), 0, "{len}");
+            for at in [0, len / 2, len - 1] {
+                let mut v = vec![0u8; len];
+                v[at] = 0x80;
+                assert_eq!(nonzero_end(&v), at + 1, "{len} {at}");
+                if at > 0 {
+                    v[0] = 1;
+                    assert_eq!(nonzero_end(&v), at + 1, "{len} {at}");
+                }
+            }
+        }
     }
 
     #[test]
