@@ -4,7 +4,7 @@
 //! cargo run --release -p concord-storage --example wal_bench -- --dir /tmp/walbench
 //!     [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync]
 //!     [--records 128,1024,16384] [--batches 1,8,64,256,1024] [--rounds 1] [--overwrite-ref]
-//!     [--scan-cost]
+//!     [--scan-cost] [--fresh] [--no-prealloc] [--vs-no-prealloc]
 //! ```
 //!
 //! For each record size (128 B, 1 KiB, 16 KiB) and batch size (1, 8, 64, 256, 1024):
@@ -39,6 +39,14 @@
 //! positional, over a 64 MiB file written once before (wrapping around), i.e. the disk's
 //! limit for overwrites, which is what the recycled WAL mostly does.
 //!
+//! `--fresh` runs the WAL as a fresh node's (or one whose compaction lags behind): it
+//! keeps no spare files, so every segment starts in a new file, which the WAL zero-fills
+//! ahead of its writes (`PREALLOC_CHUNK_BYTES` at a time) unless `--no-prealloc`.
+//! `--vs-no-prealloc` adds a third loop to every cell: a second WAL, in the same mode,
+//! with preallocation off (`prealloc_chunk_bytes: 0`, new segments append as before
+//! preallocation), interleaved batch by batch like the other two; the table then shows
+//! the WAL's MB/s as a percentage of it. Not together with `--overwrite-ref`.
+//!
 //! `--scan-cost` instead measures what recovery pays for a recycled newest segment: the
 //! scan for a sync marker of the current seq over 64 MiB of stale records, and a whole
 //! reopen of a WAL whose newest segment is a recycled 64 MiB file.
@@ -55,6 +63,15 @@ use std::time::{Duration, Instant};
 
 const RECORD_SIZES: [usize; 3] = [128, 1024, 16 << 10];
 const BATCH_SIZES: [usize; 5] = [1, 8, 64, 256, 1024];
+
+/// How the WAL side runs (`--fresh`, `--no-prealloc`).
+#[derive(Clone, Copy)]
+struct Mode {
+    no_fsync: bool,
+    /// No spare files: every segment is a new file.
+    fresh: bool,
+    prealloc: bool,
+}
 
 struct Limits {
     /// `--no-fsync`: both sides skip fsync, to show the WAL's CPU cost alone.
@@ -150,20 +167,30 @@ struct Node {
 impl Node {
     /// Opens a fresh WAL under `dir` and brings it to steady state (untimed): segments
     /// written and compacted until the active one is a recycled file and a spare waits
-    /// for the next roll (compaction after every roll frees one file per roll).
-    fn steady(dir: &Path, no_fsync: bool) -> Result<Self, Box<dyn std::error::Error>> {
+    /// for the next roll (compaction after every roll frees one file per roll). With
+    /// `mode.fresh` it keeps no spares and starts right away: every segment is a new file.
+    fn steady(dir: &Path, mode: Mode) -> Result<Self, Box<dyn std::error::Error>> {
         let _ = fs::remove_dir_all(dir);
-        let wal = Wal::open(
+        let mut wal = Wal::open(
             dir,
             WalOptions {
-                fsync: if no_fsync {
+                fsync: if mode.no_fsync {
                     FsyncPolicy::None
                 } else {
                     FsyncPolicy::EveryBatch
                 },
+                prealloc_chunk_bytes: if mode.prealloc {
+                    concord_storage::wal::PREALLOC_CHUNK_BYTES
+                } else {
+                    0
+                },
                 ..WalOptions::default()
             },
         )?;
+        if mode.fresh {
+            wal.set_spare_segments_max_for_tests(0);
+            return Ok(Node { wal, next: 1 });
+        }
         let mut node = Node { wal, next: 1 };
         let mut warm: Vec<Entry> = (0..1024).map(|_| entry(1024)).collect();
         while node.wal.segments_recycled() == 0 || node.wal.spare_count() == 0 {
@@ -217,6 +244,7 @@ fn cell(
     batch: usize,
     l: &Limits,
     mut overwrite: Option<&mut Overwrite>,
+    mut other: Option<&mut Node>,
 ) -> Result<(Cell, Cell, u64, Cell), Box<dyn std::error::Error>> {
     let raw_path = dir.join(format!("raw-{size}-{batch}"));
     let _ = fs::remove_file(&raw_path);
@@ -236,6 +264,9 @@ fn cell(
     f.write_all(&buf)?;
     f.sync_data()?;
     node.batch(&mut entries)?;
+    if let Some(o) = other.as_deref_mut() {
+        o.batch(&mut entries)?;
+    }
     let raw_bytes_at_start = buf.len() as u64;
     let wal_bytes_at_start = node.wal.bytes_written();
 
@@ -243,13 +274,22 @@ fn cell(
     if let Some(o) = overwrite.as_deref_mut() {
         o.write(&buf, !l.no_fsync)?;
     }
-    let sides = if overwrite.is_some() { 3 } else { 2 };
+    let sides = if overwrite.is_some() || other.is_some() {
+        3
+    } else {
+        2
+    };
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < l.cell && n < l.batches && raw.bytes + wal.bytes < l.bytes {
         for k in 0..sides {
             let side = (n + k) % sides;
             if side == 2 {
+                if let Some(o) = other.as_deref_mut() {
+                    let t = o.batch(&mut entries)?;
+                    ovw.record(t, (size * batch) as u64);
+                    continue;
+                }
                 let o = overwrite.as_deref_mut().expect("three sides only with it");
                 let t = Instant::now();
                 o.write(&buf, !l.no_fsync)?;
@@ -288,7 +328,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let Some(dir) = arg(&args, "--dir").map(PathBuf::from) else {
         eprintln!(
-            "usage: wal_bench --dir DIR [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync] [--records 128,1024,16384] [--batches 1,8,64,256,1024] [--rounds 1] [--overwrite-ref] [--scan-cost]"
+            "usage: wal_bench --dir DIR [--cell-ms 4000] [--cell-batches 20000] [--cell-mib 2048] [--no-fsync] [--records 128,1024,16384] [--batches 1,8,64,256,1024] [--rounds 1] [--overwrite-ref] [--scan-cost] [--fresh] [--no-prealloc] [--vs-no-prealloc]"
         );
         std::process::exit(2);
     };
@@ -312,6 +352,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fs::create_dir_all(&dir)?;
     if args.iter().any(|a| a == "--scan-cost") {
         return scan_cost(&dir);
+    }
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let mode = Mode {
+        no_fsync: limits.no_fsync,
+        fresh: flag("--fresh"),
+        prealloc: !flag("--no-prealloc"),
+    };
+    let vs_no_prealloc = flag("--vs-no-prealloc");
+    if vs_no_prealloc && flag("--overwrite-ref") {
+        return Err("--vs-no-prealloc and --overwrite-ref share the third column: pick one".into());
     }
     let list = |name: &str, all: &[usize]| -> Result<Vec<usize>, String> {
         arg(&args, name).map_or(Ok(all.to_vec()), |v| {
@@ -352,7 +402,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         None
     };
-    let mut node = Node::steady(&dir.join("wal"), limits.no_fsync)?;
+    let mut node = Node::steady(&dir.join("wal"), mode)?;
+    let mut other = if vs_no_prealloc {
+        Some(Node::steady(
+            &dir.join("wal-no-prealloc"),
+            Mode {
+                prealloc: false,
+                ..mode
+            },
+        )?)
+    } else {
+        None
+    };
     let recycled_at_start = node.wal.segments_recycled();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
@@ -364,6 +425,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 *batch,
                 &per_round,
                 overwrite.as_mut(),
+                other.as_mut(),
             )?;
             ratios.push(100.0 * w.mb_s() / r.mb_s());
             raw.add(&r);
@@ -373,18 +435,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     eprintln!(
-        "WAL segments started in a recycled file during the cells: {} (spares now {})",
+        "WAL segments started in a recycled file during the cells: {} (spares now {}); \
+         zeros written ahead: {:.1} MiB ({:.1}% of what the WAL wrote); fresh {}, prealloc {}",
         node.wal.segments_recycled() - recycled_at_start,
-        node.wal.spare_count()
+        node.wal.spare_count(),
+        node.wal.prealloc_bytes() as f64 / (1 << 20) as f64,
+        100.0 * node.wal.prealloc_bytes() as f64 / node.wal.bytes_written().max(1) as f64,
+        mode.fresh,
+        mode.prealloc
     );
     drop(node);
     let _ = fs::remove_dir_all(dir.join("wal"));
-    let with_overwrite = overwrite.is_some();
-    if with_overwrite {
+    if other.take().is_some() {
+        let _ = fs::remove_dir_all(dir.join("wal-no-prealloc"));
+    }
+    let with_overwrite = overwrite.is_some() || vs_no_prealloc;
+    if overwrite.is_some() {
         drop(overwrite);
         fs::remove_file(&overwrite_path)?;
     }
-    let (extra_head, extra_rule) = if with_overwrite {
+    let (extra_head, extra_rule) = if vs_no_prealloc {
+        (
+            " no-prealloc MB/s | no-prealloc p50 ms | no-prealloc p99 ms | WAL % of no-prealloc |",
+            "---:|---:|---:|---:|",
+        )
+    } else if with_overwrite {
         (
             " overwrite MB/s | overwrite p50 ms | WAL % of overwrite |",
             "---:|---:|---:|",
@@ -397,14 +472,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{extra_rule}");
     for (size, batch, r, w, wal_disk_bytes, ratios, o) in &cells {
-        let size_label = if *size >= 1024 {
+        let size_label = if *size >= 1024 && size % 1024 == 0 {
             format!("{} KiB", size / 1024)
         } else {
             format!("{size} B")
         };
         let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ratios.iter().copied().fold(0.0, f64::max);
-        let extra = if with_overwrite {
+        let extra = if vs_no_prealloc {
+            format!(
+                " {:.1} | {:.3} | {:.3} | {:.0}% |",
+                o.mb_s(),
+                o.p(0.5),
+                o.p(0.99),
+                100.0 * w.mb_s() / o.mb_s()
+            )
+        } else if with_overwrite {
             format!(
                 " {:.1} | {:.3} | {:.0}% |",
                 o.mb_s(),
@@ -465,9 +548,62 @@ fn scan_cost(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
             took.as_secs_f64() * 1e3
         );
     }
+    // A zero-filled tail (what preallocation leaves after the records): skipped in one
+    // pass for the non-zero end instead of position by position.
+    let zeros = vec![0u8; 64 << 20];
+    for _ in 0..3 {
+        let t = Instant::now();
+        let found = record::find_sync_mark(&zeros, 1, new).is_some();
+        let took = t.elapsed();
+        assert!(!found);
+        println!(
+            "scan of 64 MiB of zeros for a sync marker: {:.2} ms",
+            took.as_secs_f64() * 1e3
+        );
+    }
+    drop(zeros);
+    // A whole reopen of a fresh WAL (no spares) whose only segment is preallocated:
+    // 3 MiB of records in 3 KB syncs, then zeros up to 1 MiB ahead.
+    let fresh_dir = dir.join("scan-fresh");
+    let mut node = Node::steady(
+        &fresh_dir,
+        Mode {
+            no_fsync: false,
+            fresh: true,
+            prealloc: true,
+        },
+    )?;
+    let mut small: Vec<Entry> = (0..3).map(|_| entry(1000)).collect();
+    while node.wal.active_segment_bytes().0 < 3 << 20 {
+        node.batch(&mut small)?;
+    }
+    let (records, file) = node.wal.active_segment_bytes();
+    drop(node);
+    for k in 0..2 {
+        let t = Instant::now();
+        let w = Wal::open(&fresh_dir, WalOptions::default())?;
+        println!(
+            "reopen {} with a preallocated newest segment ({:.2} MiB of records, file {:.2} MiB): {:.1} ms",
+            k + 1,
+            records as f64 / (1 << 20) as f64,
+            file as f64 / (1 << 20) as f64,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        assert_eq!(
+            w.active_segment_bytes(),
+            (records, file),
+            "the zero tail stays"
+        );
+    }
+    fs::remove_dir_all(&fresh_dir)?;
     // A whole reopen: the newest segment is a recycled 64 MiB file with one batch in it.
     let wal_dir = dir.join("scan-wal");
-    let mut node = Node::steady(&wal_dir, false)?;
+    let mode = Mode {
+        no_fsync: false,
+        fresh: false,
+        prealloc: true,
+    };
+    let mut node = Node::steady(&wal_dir, mode)?;
     let before = node.wal.segments_recycled();
     let mut big: Vec<Entry> = (0..1024).map(|_| entry(1024)).collect();
     while node.wal.segments_recycled() == before {

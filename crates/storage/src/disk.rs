@@ -19,6 +19,8 @@ pub trait Disk {
     /// Names (not paths) of the files directly in `dir`, in any order.
     fn list_dir(&mut self, dir: &Path) -> io::Result<Vec<String>>;
     fn read(&mut self, path: &Path) -> io::Result<Vec<u8>>;
+    /// The file's length as a process sees it now (written bytes included).
+    fn len(&mut self, path: &Path) -> io::Result<u64>;
     /// Appends to the file, creating it if missing. Written, not durable.
     fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()>;
     /// Appends the concatenation of `parts` as one operation (`writev` on a real disk).
@@ -132,6 +134,10 @@ impl Disk for StdDisk {
         let mut v = Vec::new();
         File::open(path)?.read_to_end(&mut v)?;
         Ok(v)
+    }
+
+    fn len(&mut self, path: &Path) -> io::Result<u64> {
+        Ok(std::fs::metadata(path)?.len())
     }
 
     fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()> {
@@ -349,6 +355,10 @@ impl Disk for SimDisk {
 
     fn read(&mut self, path: &Path) -> io::Result<Vec<u8>> {
         Ok(self.inode(path)?.data.clone())
+    }
+
+    fn len(&mut self, path: &Path) -> io::Result<u64> {
+        Ok(self.inode(path)?.data.len() as u64)
     }
 
     fn append(&mut self, path: &Path, data: &[u8]) -> io::Result<()> {

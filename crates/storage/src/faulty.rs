@@ -120,7 +120,8 @@ impl FaultyStore {
     /// Every durable record qualifies except the very last one of the newest segment:
     /// damage there looks exactly like a torn write. Since every fsync is preceded by a
     /// sync marker, that last record is a marker, which holds no data. In a segment
-    /// started in a recycled file, the records of that marker's stretch do not qualify
+    /// written in place (started in a recycled file, or zero-filled ahead: every segment
+    /// unless preallocation is off), the records of that marker's stretch do not qualify
     /// either: recovery takes damage there for an incomplete sync and cuts it off. Recovery reads every durable segment, so the next `recover`
     /// must report `StorageError::Corrupt` at `path` and `record_offset`, unless the
     /// store first deletes the damaged segment (a snapshot covering it): then the damage
@@ -154,8 +155,8 @@ impl FaultyStore {
                 at += n;
             }
         }
-        // The last record (a marker) always goes; in a segment started in a recycled
-        // file, its whole stretch too: damage there, with no sync after it, is what a
+        // The last record (a marker) always goes; in a segment written in place, its
+        // whole stretch too: damage there, with no sync after it, is what a
         // power cut during that sync leaves (an earlier page lost, the marker kept), so
         // recovery cuts it off as an incomplete sync instead of reporting it (the
         // accepted limit, docs/storage.md "Known limits").
@@ -351,9 +352,20 @@ mod tests {
         }
     }
 
+    /// A store whose new segments append instead of being zero-filled ahead (as before
+    /// preallocation, and as a format-3 segment of an older version reopened): read with
+    /// the strict rule, where damage anywhere before the last marker is reported.
+    fn appending_store() -> FaultyStore {
+        FaultyStore::with_options(WalOptions {
+            segment_bytes_max: SIM_SEGMENT_BYTES_MAX,
+            prealloc_chunk_bytes: 0,
+            ..WalOptions::default()
+        })
+    }
+
     #[test]
     fn a_fresh_store_has_only_its_segment_start_to_corrupt() {
-        let mut s = FaultyStore::new();
+        let mut s = appending_store();
         let c = s
             .corrupt_random_record(1)
             .expect("the segment start qualifies");
@@ -364,11 +376,13 @@ mod tests {
 
     /// The last record that carries data, synced, then damaged: before sync markers it
     /// was the last record of the file and recovery cut it off as a torn tail, silently
-    /// losing an acknowledged entry. Now the marker after it makes it corruption.
+    /// losing an acknowledged entry. Now the marker after it makes it corruption. (In a
+    /// segment written in place, damage in the final stretch is the accepted limit, see
+    /// `corrupt_random_record`; hence an appending store here.)
     #[test]
     fn damage_to_the_last_synced_entry_is_corruption_not_a_torn_tail() {
         for (pos, mask) in [(0usize, 1u8), (5, 0x80), (20, 4), (40, 2)] {
-            let mut s = FaultyStore::new();
+            let mut s = appending_store();
             fill(&mut s, 5);
             let (path, bytes) = s
                 .wal()
@@ -575,5 +589,205 @@ mod tests {
             let c = s.corrupt_random_record(seed).expect("records exist");
             assert_reported(&mut s, &c, seed);
         }
+    }
+
+    /// The active segment's file (the newest `.wal`) and its length on the disk.
+    fn active_file_len(w: &mut Wal<SimDisk>) -> (PathBuf, u64) {
+        use crate::disk::Disk;
+        let dir = w.wal_dir().to_path_buf();
+        let name = w
+            .disk_mut()
+            .list_dir(&dir)
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.ends_with(".wal"))
+            .max()
+            .expect("a segment");
+        let path = dir.join(name);
+        let len = w.disk_mut().len(&path).unwrap();
+        (path, len)
+    }
+
+    fn one_entry(index: u64, len: usize) -> Entry {
+        Entry {
+            index,
+            term: 1,
+            kind: EntryKind::Normal,
+            data: vec![index as u8; len],
+        }
+    }
+
+    /// (a) A fresh segment's file grows by whole chunks of zeros written ahead, not with
+    /// every write: small syncs then overwrite zeros, and the file's size (what an
+    /// `fdatasync` would have to commit) changes once per chunk. Never past the segment
+    /// limit; a large sync gets no zeros; a rolled segment is cut to its records. Without
+    /// preallocation the size changes with every sync.
+    #[test]
+    fn a_fresh_segment_grows_in_chunks_not_per_write() {
+        const CHUNK: u64 = crate::wal::PREALLOC_CHUNK_BYTES;
+        for prealloc in [true, false] {
+            let seg_max = 3 * CHUNK + CHUNK / 2;
+            let opts = WalOptions {
+                segment_bytes_max: seg_max,
+                prealloc_chunk_bytes: if prealloc { CHUNK } else { 0 },
+                ..WalOptions::default()
+            };
+            let mut w = Wal::open_on(SimDisk::new(), Path::new("/g"), opts).unwrap();
+            assert_eq!(w.active_segment_in_place(), prealloc);
+            let (first, _) = active_file_len(&mut w);
+            let mut sizes = std::collections::BTreeSet::new();
+            let mut index = 0;
+            // 3 KB syncs (as in the cluster benchmark) until the segment rolls.
+            while w.segment_count() == 1 {
+                index += 1;
+                w.append(&[one_entry(index, 3000)]).unwrap();
+                w.sync().unwrap();
+                if w.segment_count() > 1 {
+                    break;
+                }
+                let (records, filled) = w.active_segment_bytes();
+                let (_, len) = active_file_len(&mut w);
+                assert_eq!(len, filled, "the WAL knows the file's length");
+                assert!(len >= records && len <= seg_max, "{len} vs {records}");
+                if prealloc {
+                    assert!(len - records <= CHUNK, "{len} vs {records}");
+                } else {
+                    assert_eq!(len, records);
+                }
+                sizes.insert(len);
+            }
+            if prealloc {
+                // 4 chunks: 1, 2, 3 MiB and the limit (3.5 MiB), plus the first size.
+                assert!(sizes.len() <= 5, "{} sizes: {sizes:?}", sizes.len());
+                assert!(w.prealloc_bytes() >= seg_max - CHUNK);
+            } else {
+                assert!(sizes.len() as u64 >= index - 2, "{} sizes", sizes.len());
+                assert_eq!(w.prealloc_bytes(), 0);
+            }
+            // The closed segment was cut to its last record (a sync marker).
+            let bytes = {
+                use crate::disk::Disk;
+                w.disk_mut().read(&first).unwrap()
+            };
+            let salt = record::segment_salt(1);
+            let mut at = 0;
+            let mut last = None;
+            while let Ok((rec, n)) = record::decode(&bytes[at..], salt) {
+                last = Some(rec);
+                at += n;
+            }
+            assert_eq!(at, bytes.len(), "no zero tail in a closed segment");
+            assert!(matches!(last, Some(Record::SyncMark { .. })));
+            // A large sync (64 KiB or more) past the zero-filled end writes no zeros.
+            let (before, _) = w.active_segment_bytes();
+            let big: Vec<Entry> = (index + 1..=index + 300)
+                .map(|i| one_entry(i, 4000))
+                .collect();
+            let zeros_before = w.prealloc_bytes();
+            w.append(&big).unwrap();
+            w.sync().unwrap();
+            let (records, filled) = w.active_segment_bytes();
+            assert!(records > before + CHUNK);
+            assert_eq!(filled, records, "a large sync is not followed by zeros");
+            assert_eq!(w.prealloc_bytes(), zeros_before);
+            // The next small one is.
+            w.append(&[one_entry(index + 301, 100)]).unwrap();
+            w.sync().unwrap();
+            let (records, filled) = w.active_segment_bytes();
+            if prealloc {
+                assert_eq!(filled, records + CHUNK);
+            } else {
+                assert_eq!(filled, records);
+            }
+            let r = w.reload().unwrap();
+            assert_eq!(r.entries.last().unwrap().index, index + 301);
+        }
+    }
+
+    /// (c) A crash after any number of bytes of unsynced records written over the zeros
+    /// of a new, preallocated segment (the rest keeps its zeros): recovery never reports
+    /// corruption, keeps everything synced and a whole-record prefix of the rest, and the
+    /// log goes on. When nothing of the unsynced records survived, the zero tail stays
+    /// (the file keeps its size); otherwise it is cut at the end of the log.
+    #[test]
+    fn a_crash_in_the_zero_tail_of_a_preallocated_segment_is_a_torn_tail() {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut kept_zeros = 0;
+        for keep in 0.. {
+            let mut s = FaultyStore::with_options(WalOptions {
+                segment_bytes_max: 64 << 10,
+                prealloc_chunk_bytes: 8 << 10,
+                ..WalOptions::default()
+            });
+            fill(&mut s, 20);
+            let synced = s.wal().last_index();
+            assert_eq!(synced, 20);
+            assert_eq!(s.wal().segments_recycled(), 0);
+            let (records, filled_before) = s.wal().active_segment_bytes();
+            assert!(
+                filled_before > records + 1000,
+                "zeros ahead: {records} {filled_before}"
+            );
+            for i in 21..=26 {
+                s.append(&[one_entry(i, 50)]).unwrap();
+            }
+            assert!(s.wal().crash_would_hit_a_zero_tail_for_tests());
+            let _ = s.wal.flush_for_crash();
+            let unsynced = s.unsynced_bytes();
+            if keep > unsynced {
+                break;
+            }
+            s.crash_keeping(keep);
+            let r = s
+                .recover()
+                .unwrap_or_else(|e| panic!("keep {keep}: a torn write, not {e}"));
+            let got = r.entries.last().unwrap().index;
+            assert!((synced..=26).contains(&got), "keep {keep}: {got}");
+            for e in &r.entries[20..] {
+                assert_eq!(e, &one_entry(e.index, 50));
+            }
+            seen.insert(got);
+            let (records, filled) = s.wal().active_segment_bytes();
+            if keep == 0 {
+                assert_eq!(filled, filled_before, "keep 0: the zero tail stays");
+                kept_zeros += 1;
+            }
+            assert!(filled >= records);
+            // The log goes on right after its last record, and survives a restart.
+            s.append(&[one_entry(got + 1, 70)]).unwrap();
+            s.sync().unwrap();
+            let r = s.recover().unwrap();
+            assert_eq!(
+                r.entries.last().unwrap(),
+                &one_entry(got + 1, 70),
+                "keep {keep}"
+            );
+            assert_eq!(r.entries.len() as u64, got + 1);
+        }
+        assert_eq!(seen.len(), 7, "every prefix length was seen: {seen:?}");
+        assert_eq!(kept_zeros, 1);
+    }
+
+    /// (c) In a preallocated segment, damage to a synced record followed by a later
+    /// completed sync is reported where it is, over many seeds (the final stretch is
+    /// the accepted limit and excluded by `corrupt_random_record`).
+    #[test]
+    fn corruption_in_preallocated_segments_is_reported_where_it_is() {
+        let mut reported = 0;
+        for seed in 0..200u64 {
+            let mut s = FaultyStore::with_options(WalOptions {
+                segment_bytes_max: 64 << 10,
+                prealloc_chunk_bytes: 4 << 10,
+                ..WalOptions::default()
+            });
+            fill(&mut s, 40);
+            assert!(s.wal().active_segment_in_place());
+            let (records, filled) = s.wal().active_segment_bytes();
+            assert!(filled > records, "a zero tail follows the records");
+            let c = s.corrupt_random_record(seed).expect("records exist");
+            assert_reported(&mut s, &c, seed);
+            reported += 1;
+        }
+        assert_eq!(reported, 200);
     }
 }

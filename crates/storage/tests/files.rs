@@ -45,6 +45,15 @@ fn opts(segment_bytes_max: u64) -> WalOptions {
     }
 }
 
+/// New segments append instead of being zero-filled ahead (as before preallocation, and
+/// as a format-3 segment of an older version reopened): read with the strict rule.
+fn appending_opts(segment_bytes_max: u64) -> WalOptions {
+    WalOptions {
+        prealloc_chunk_bytes: 0,
+        ..opts(segment_bytes_max)
+    }
+}
+
 /// Segment files, oldest first.
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir.join("wal"))
@@ -84,7 +93,11 @@ fn record_offsets(path: &Path) -> Vec<usize> {
         v.push(at);
         at += n;
     }
-    assert_eq!(at, bytes.len(), "test setup: the file decodes fully");
+    assert_eq!(
+        record::nonzero_end(&bytes[at..]),
+        0,
+        "test setup: the file decodes fully, up to a zero-filled tail"
+    );
     v
 }
 
@@ -95,7 +108,11 @@ fn flip(path: &Path, offset: usize) {
 }
 
 fn write_log(dir: &Path, n: u64, segment_bytes_max: u64) {
-    let mut wal = Wal::open(dir, opts(segment_bytes_max)).unwrap();
+    write_log_with(dir, n, opts(segment_bytes_max));
+}
+
+fn write_log_with(dir: &Path, n: u64, opts: WalOptions) {
+    let mut wal = Wal::open(dir, opts).unwrap();
     for i in (1..=n).step_by(10) {
         wal.append(&ents(i..=(i + 9).min(n), 1)).unwrap();
         wal.set_hard_state(HardState {
@@ -224,14 +241,24 @@ fn bad_checksum_of_the_very_last_record_and_zero_filled_tail_count_as_torn() {
         r.hard_state.commit, 11,
         "the hard state before the marker is kept"
     );
-    // Cut back to the damaged marker, then a fresh marker was written and synced.
-    assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64 + 37);
+    // Cut back to the damaged marker, then a fresh marker was written and synced (and,
+    // the segment being preallocated, zeros after it).
+    assert_eq!(wal.active_segment_bytes().0, last as u64 + 37);
+    assert_eq!(valid_end(&seg), last + 37);
+    let len = fs::metadata(&seg).unwrap().len();
+    assert_eq!(len, wal.active_segment_bytes().1);
+    assert!(
+        len > last as u64 + 37 + 4096,
+        "zero-filled ahead again: {len}"
+    );
 }
 
+/// In an appending segment (written in place, damage in the final stretch is the
+/// accepted limit: see `damage_to_synced_data_of_a_preallocated_segment_is_corruption`).
 #[test]
 fn damage_to_the_last_synced_hard_state_is_corruption() {
     let d = TempDir::new("last-hs");
-    write_log(&d.0, 20, 64 << 20);
+    write_log_with(&d.0, 20, appending_opts(64 << 20));
     let seg = segments(&d.0).pop().unwrap();
     // [..., entry 20, hard state, sync marker]: the hard state is the last record with
     // data. Without the marker after it, this damage would be cut off as a torn tail.
@@ -246,7 +273,7 @@ fn damage_to_the_last_synced_hard_state_is_corruption() {
         })
         .expect("a hard state record");
     flip(&seg, hs + 18);
-    expect_corrupt_at(Wal::open(&d.0, opts(64 << 20)), &seg, hs as u64);
+    expect_corrupt_at(Wal::open(&d.0, appending_opts(64 << 20)), &seg, hs as u64);
 }
 
 #[test]
@@ -472,6 +499,15 @@ fn a_newest_segment_without_its_start_record_is_dropped() {
     let next =
         d.0.join("wal")
             .join("00000000000000000002-00000000000000000021.wal");
+    // The roll cut segment 1 to its records (its zeros written ahead) before that.
+    let first = segments(&d.0).pop().unwrap();
+    let end = valid_end(&first) as u64;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_len(end)
+        .unwrap();
     fs::write(&next, [0x11u8, 0x22, 0x33]).unwrap();
     let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
     assert_eq!(wal.recover().unwrap().entries, ents(1..=20, 1));
@@ -629,7 +665,9 @@ fn a_large_sync_ends_on_a_page_boundary() {
         wal.append(&b).unwrap();
         all.extend(b);
         wal.sync().unwrap();
-        let len = fs::metadata(&seg).unwrap().len();
+        // Where the records end (the file may go on with zeros written ahead).
+        let len = wal.active_segment_bytes().0;
+        assert_eq!(len, valid_end(&seg) as u64);
         if k % 2 == 0 {
             assert_eq!(
                 len % 4096,
@@ -1021,7 +1059,7 @@ fn every_stretch_checksum_matches_what_was_written() {
         .collect();
     wal.append(&big).unwrap();
     drop(wal);
-    let len = fs::metadata(&seg).unwrap().len();
+    let len = valid_end(&seg) as u64;
     assert!(len as usize > end + 10);
     fs::OpenOptions::new()
         .write(true)
@@ -1044,14 +1082,19 @@ fn every_stretch_checksum_matches_what_was_written() {
 #[test]
 fn the_same_loss_in_an_appended_segment_is_corruption() {
     let d = TempDir::new("appended-incomplete-sync");
-    write_log(&d.0, 20, 64 << 20);
+    write_log_with(&d.0, 20, appending_opts(64 << 20));
     let seg = segments(&d.0).pop().unwrap();
     let old = fs::read(&seg).unwrap();
-    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    let mut wal = Wal::open(&d.0, appending_opts(64 << 20)).unwrap();
+    assert!(!wal.active_segment_in_place());
     let (start, _) = one_sync(&mut wal, &seg, 20, 3);
     drop(wal);
     lose_bytes(&seg, &old, start..start + 16);
-    expect_corrupt_at(Wal::open(&d.0, opts(64 << 20)), &seg, start as u64);
+    expect_corrupt_at(
+        Wal::open(&d.0, appending_opts(64 << 20)),
+        &seg,
+        start as u64,
+    );
 }
 
 /// Damage to a stretch whose sync completed (a later sync's marker follows) is
@@ -1161,4 +1204,152 @@ fn a_matching_stretch_with_a_bad_record_in_it_is_corruption() {
         Wal::open(&d.0, opts(4096)),
         Err(StorageError::Corrupt { offset, .. }) if offset == start as u64
     ));
+}
+
+/// (a) on real files: a fresh segment's file grows by chunks of zeros written ahead of
+/// its records, so most small syncs do not change its size (their `fdatasync` need not
+/// write the inode); the file's length is what the WAL says.
+#[test]
+fn a_fresh_segment_file_grows_in_chunks() {
+    let d = TempDir::new("prealloc-chunks");
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    assert!(wal.active_segment_in_place());
+    let seg = segments(&d.0).pop().unwrap();
+    let mut changes = 0;
+    let mut len = fs::metadata(&seg).unwrap().len();
+    let data = vec![7u8; 3000];
+    for index in 1..=500u64 {
+        wal.append(&[Entry {
+            index,
+            term: 1,
+            kind: EntryKind::Normal,
+            data: data.clone(),
+        }])
+        .unwrap();
+        wal.sync().unwrap();
+        let now = fs::metadata(&seg).unwrap().len();
+        assert_eq!(now, wal.active_segment_bytes().1);
+        assert!(now >= wal.active_segment_bytes().0);
+        changes += u32::from(now != len);
+        len = now;
+    }
+    // ~1.5 MB of records: the size changed when a sync crossed a chunk's end, not 500 times.
+    assert!((1..=3).contains(&changes), "{changes} size changes");
+    assert_eq!(wal.segments_recycled(), 0);
+}
+
+/// (b) A preallocated segment reopened: recovery returns exactly the synced records,
+/// keeps the zero tail (the file's size stays), and the next records go right after the
+/// last valid one, overwriting zeros; a second reopen reads them all back.
+#[test]
+fn a_preallocated_segment_reopens_and_appends_right_after_its_records() {
+    let d = TempDir::new("prealloc-reopen");
+    write_log(&d.0, 45, 64 << 20);
+    let seg = segments(&d.0).pop().unwrap();
+    let end = valid_end(&seg) as u64;
+    let len = fs::metadata(&seg).unwrap().len();
+    assert!(len > end + 4096, "zeros follow the records: {end} {len}");
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    assert_eq!(wal.recover().unwrap().entries, ents(1..=45, 1));
+    assert_eq!(wal.active_segment_bytes(), (end, len));
+    assert_eq!(
+        fs::metadata(&seg).unwrap().len(),
+        len,
+        "the zero tail stays"
+    );
+    wal.append(&ents(46..=50, 2)).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), len, "written in place");
+    assert_eq!(record_offsets_prefix(&seg)[0], 0);
+    assert!(
+        valid_end(&seg) as u64 > end,
+        "the new records follow the old ones"
+    );
+    assert!(check_stretches(&seg) >= 4);
+    let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+    let mut want = ents(1..=45, 1);
+    want.extend(ents(46..=50, 2));
+    assert_eq!(wal.recover().unwrap().entries, want);
+}
+
+/// (c) A power cut during a sync of a new, preallocated segment: its `fdatasync`
+/// overwrites zeros the file already holds, so, as in a recycled file, a later page (the
+/// marker) can survive and an earlier one be lost (read back as the zeros it held).
+/// That sync never returned: recovery cuts it and starts. A completed sync damaged the
+/// same way (another sync followed) is still `Corrupt`.
+#[test]
+fn an_incomplete_sync_of_a_preallocated_segment_is_a_torn_tail() {
+    for completed in [false, true] {
+        let d = TempDir::new(&format!("prealloc-incomplete-sync-{completed}"));
+        write_log(&d.0, 20, 64 << 20);
+        let seg = segments(&d.0).pop().unwrap();
+        let old = fs::read(&seg).unwrap();
+        let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+        assert_eq!(wal.segments_recycled(), 0);
+        let (start, end) = one_sync(&mut wal, &seg, 20, 3);
+        assert!(
+            old[start..end].iter().all(|&b| b == 0),
+            "written over zeros"
+        );
+        if completed {
+            one_sync(&mut wal, &seg, 23, 2);
+        }
+        drop(wal);
+        lose_bytes(&seg, &old, start..start + 16);
+        if completed {
+            expect_corrupt_at(Wal::open(&d.0, opts(64 << 20)), &seg, start as u64);
+            continue;
+        }
+        let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+        let r = wal.recover().unwrap();
+        assert_eq!(r.entries, ents(1..=20, 1), "what was synced before");
+        assert_eq!(r.hard_state.commit, 11);
+        wal.append(&ents(21..=22, 2)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let mut wal = Wal::open(&d.0, opts(64 << 20)).unwrap();
+        let mut want = ents(1..=20, 1);
+        want.extend(ents(21..=22, 2));
+        assert_eq!(wal.recover().unwrap().entries, want);
+        assert!(wal.active_segment_in_place(), "read with the in-place rule");
+    }
+}
+
+/// (c) Media damage to synced records of a preallocated segment is reported where it
+/// is: in every record of every stretch but the last one. In the final stretch it is
+/// cut as an incomplete sync (the accepted limit of segments written in place,
+/// docs/storage.md "Known limits"); this test pins that down too.
+#[test]
+fn damage_to_synced_data_of_a_preallocated_segment_is_corruption() {
+    let d = TempDir::new("prealloc-damage");
+    write_log(&d.0, 40, 64 << 20);
+    let seg = segments(&d.0).pop().unwrap();
+    let markers = marker_offsets(&seg);
+    assert!(markers.len() >= 4);
+    let final_stretch_start = {
+        let bytes = fs::read(&seg).unwrap();
+        let m = markers[markers.len() - 2];
+        m + record::decode(&bytes[m..], salt_of(&seg)).unwrap().1
+    };
+    let mut checked = 0;
+    for at in record_offsets(&seg) {
+        let copy = TempDir::new(&format!("prealloc-damage-{at}"));
+        copy_dir(&d.0, &copy.0);
+        let seg = segments(&copy.0).pop().unwrap();
+        flip(&seg, at + 5);
+        let opened = Wal::open(&copy.0, opts(64 << 20));
+        if at < final_stretch_start {
+            expect_corrupt_at(opened, &seg, at as u64);
+            checked += 1;
+        } else {
+            let mut wal = opened.expect("the final stretch is cut as an incomplete sync");
+            // Cut at the damaged record: what precedes it in the stretch stays.
+            let got = wal.recover().unwrap().entries;
+            let last = got.len() as u64;
+            assert!((30..=40).contains(&last), "at {at}: {last}");
+            assert_eq!(got, ents(1..=last, 1), "at {at}");
+        }
+    }
+    assert!(checked >= 6, "{checked}");
 }

@@ -106,11 +106,17 @@ trait Crashable: LogStore {
     fn fail_disk_after(&mut self, ops: u64);
     /// Segments started in a reused spare file so far.
     fn recycled(&self) -> u64;
+    /// A crash now would hit a new zero-filled segment inside its zero tail.
+    fn in_zero_tail(&self) -> bool;
 }
 
 impl Crashable for FaultyStore {
     fn recycled(&self) -> u64 {
         self.wal().segments_recycled()
+    }
+
+    fn in_zero_tail(&self) -> bool {
+        self.wal().crash_would_hit_a_zero_tail_for_tests()
     }
 
     fn fail_disk_after(&mut self, ops: u64) {
@@ -129,6 +135,10 @@ impl Crashable for FaultyStore {
 impl Crashable for Wal<SimDisk> {
     fn recycled(&self) -> u64 {
         self.segments_recycled()
+    }
+
+    fn in_zero_tail(&self) -> bool {
+        self.crash_would_hit_a_zero_tail_for_tests()
     }
 
     fn fail_disk_after(&mut self, ops: u64) {
@@ -195,7 +205,13 @@ fn append_to_model(model: &mut MemStore, candidates: &mut Vec<View>, ents: &[Ent
     }
 }
 
-fn run<S: Crashable>(store: &mut S, ops: &[Op]) -> Result<(), TestCaseError> {
+/// Runs `ops`; counts in `zero_tail_crashes` the crashes that hit a new zero-filled
+/// segment inside its zero tail (records written since its last fsync over the zeros).
+fn run<S: Crashable>(
+    store: &mut S,
+    ops: &[Op],
+    zero_tail_crashes: &mut u64,
+) -> Result<(), TestCaseError> {
     let mut model = MemStore::new();
     // Candidate states since the last durable point; [0] is the durable one.
     let mut candidates = vec![model_view(&mut model)];
@@ -284,6 +300,9 @@ fn run<S: Crashable>(store: &mut S, ops: &[Op]) -> Result<(), TestCaseError> {
                 torn,
             } => {
                 store.fail_disk_after(*budget as u64);
+                // Counted before the operation: whether the crash comes inside it
+                // depends on the budget.
+                *zero_tail_crashes += u64::from(store.in_zero_tail());
                 if *snapshot {
                     // Until the WAL is synced the snapshot may land on any state the WAL
                     // could recover to, or not land at all.
@@ -321,6 +340,7 @@ fn run<S: Crashable>(store: &mut S, ops: &[Op]) -> Result<(), TestCaseError> {
                 candidates = vec![got];
             }
             Op::Crash { torn } => {
+                *zero_tail_crashes += u64::from(store.in_zero_tail());
                 let r = store.crash(*torn);
                 let got = view_of(&r);
                 prop_assert_eq!(r.applied, got.snapshot.as_ref().map_or(0, |s| s.meta.index));
@@ -346,10 +366,14 @@ fn run<S: Crashable>(store: &mut S, ops: &[Op]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn small_opts(write_buffer_bytes_max: usize) -> WalOptions {
+/// `prealloc_chunk_bytes`: 0 (new segments append), 700 (several chunks per 4 KiB
+/// segment, so crashes come with zeros ahead and at chunk boundaries), 1 MiB (the
+/// default: capped at the segment size, the whole segment is zero-filled at once).
+fn small_opts(write_buffer_bytes_max: usize, prealloc_chunk_bytes: u64) -> WalOptions {
     WalOptions {
         segment_bytes_max: 4096,
         write_buffer_bytes_max,
+        prealloc_chunk_bytes,
         ..WalOptions::default()
     }
 }
@@ -377,37 +401,49 @@ fn config() -> ProptestConfig {
 }
 
 /// Runs the model test over generated cases and returns how many segments started in a
-/// recycled file over all of them: the 4 KiB segments roll every few operations and
-/// snapshots free them, so spares get reused, and crashes hit recycled files.
-fn check_cases<S: Crashable>(name: &str, open: impl Fn(usize, usize, u64) -> S) -> u64 {
-    let recycled = std::sync::atomic::AtomicU64::new(0);
+/// recycled file over all of them (the 4 KiB segments roll every few operations and
+/// snapshots free them, so spares get reused, and crashes hit recycled files), and how
+/// many crashes hit a new zero-filled segment inside its zero tail.
+fn check_cases<S: Crashable>(name: &str, open: impl Fn(usize, usize, u64, u64) -> S) -> (u64, u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let recycled = AtomicU64::new(0);
+    let zero_tail_crashes = AtomicU64::new(0);
     let strategy = (
         proptest::collection::vec(op(), 1..80),
         prop_oneof![Just(1usize), Just(700), Just(1 << 20)],
         prop_oneof![Just(0usize), Just(150), Just(4096)],
         prop_oneof![Just(0u64), Just(600), Just(32 << 10)],
+        prop_oneof![Just(0u64), Just(700), Just(1 << 20)],
     );
     let mut runner = proptest::test_runner::TestRunner::new(config());
-    let result = runner.run(&strategy, |(ops, buffer, zero_copy_min, sync_pad_min)| {
-        let mut store = open(buffer, zero_copy_min, sync_pad_min);
-        run(&mut store, &ops)?;
-        recycled.fetch_add(store.recycled(), std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    });
+    let result = runner.run(
+        &strategy,
+        |(ops, buffer, zero_copy_min, sync_pad_min, prealloc)| {
+            let mut store = open(buffer, zero_copy_min, sync_pad_min, prealloc);
+            let mut hits = 0;
+            run(&mut store, &ops, &mut hits)?;
+            recycled.fetch_add(store.recycled(), Ordering::Relaxed);
+            zero_tail_crashes.fetch_add(hits, Ordering::Relaxed);
+            Ok(())
+        },
+    );
     if let Err(e) = result {
         panic!("{name}: {e}");
     }
-    let n = recycled.into_inner();
-    eprintln!("{name}: {n} segments started in a recycled file");
-    n
+    let (n, z) = (recycled.into_inner(), zero_tail_crashes.into_inner());
+    eprintln!(
+        "{name}: {n} segments started in a recycled file, {z} crashes inside the zero tail \
+         of a new zero-filled segment"
+    );
+    (n, z)
 }
 
 #[test]
 fn faulty_store_matches_model() {
-    let n = check_cases(
+    let (n, z) = check_cases(
         "faulty_store_matches_model",
-        |_, zero_copy_min, sync_pad_min| {
-            let mut store = FaultyStore::with_options(small_opts(1 << 20));
+        |_, zero_copy_min, sync_pad_min, prealloc| {
+            let mut store = FaultyStore::with_options(small_opts(1 << 20, prealloc));
             store.set_batching_for_tests(batching());
             store.set_zero_copy_min_for_tests(zero_copy_min);
             store.set_sync_pad_min_for_tests(sync_pad_min);
@@ -415,6 +451,7 @@ fn faulty_store_matches_model() {
         },
     );
     assert!(n > 0, "no segment was recycled");
+    assert!(z > 0, "no crash inside a zero tail");
 }
 
 /// `buffer` 1 and 700 flush records in several writes; `zero_copy_min` 0 and 150 send
@@ -423,11 +460,15 @@ fn faulty_store_matches_model() {
 /// boundary (the real thresholds are above this test's sizes).
 #[test]
 fn wal_on_sim_disk_matches_model() {
-    let n = check_cases(
+    let (n, z) = check_cases(
         "wal_on_sim_disk_matches_model",
-        |buffer, zero_copy_min, sync_pad_min| {
-            let mut wal =
-                Wal::open_on(SimDisk::new(), Path::new("/node"), small_opts(buffer)).unwrap();
+        |buffer, zero_copy_min, sync_pad_min, prealloc| {
+            let mut wal = Wal::open_on(
+                SimDisk::new(),
+                Path::new("/node"),
+                small_opts(buffer, prealloc),
+            )
+            .unwrap();
             wal.set_batching_for_tests(batching());
             wal.set_zero_copy_min_for_tests(zero_copy_min);
             wal.set_sync_pad_min_for_tests(sync_pad_min);
@@ -435,6 +476,7 @@ fn wal_on_sim_disk_matches_model() {
         },
     );
     assert!(n > 0, "no segment was recycled");
+    assert!(z > 0, "no crash inside a zero tail");
 }
 
 /// A torn overwrite, deterministically: entries 1..=6 synced, then entries 3..=8 rewritten
@@ -447,7 +489,7 @@ fn torn_overwrite_keeps_old_or_whole_new_suffix() {
     for batching in [true, false] {
         let mut lost_at = Vec::new();
         for keep in 0..2000u64 {
-            let mut s = FaultyStore::with_options(small_opts(1 << 20));
+            let mut s = FaultyStore::with_options(small_opts(1 << 20, 700));
             s.set_batching_for_tests(batching);
             let old: Vec<Entry> = (1..=6).map(|i| entry(i, 1, 50)).collect();
             s.append(&old).unwrap();
