@@ -13,6 +13,8 @@
 //!           1. persist: rd.snapshot, then rd.entries (truncating the log from the first
 //!              entry's index), then rd.hard_state; fsync if rd.must_sync
 //!           0. (optional) send rd.messages[..rd.send_before_persist] at once
+//!          0b. (optional) if there is no rd.snapshot: apply the leading non-ConfChange
+//!              entries of rd.committed now (they are durable on a quorum already)
 //!           2. send rd.messages                 (only after step 1 is durable)
 //!           3. apply rd.committed in order; answer rd.read_states once applied >= index
 //!           4. replica.advance()
@@ -287,7 +289,11 @@ pub struct Ready<M> {
     /// it never puts a message here in a Ready that changes its term or vote. A driver may
     /// ignore this and send everything after persisting.
     pub send_before_persist: usize,
-    /// Entries now committed/chosen, to apply in index order (after persisting).
+    /// Entries now committed/chosen, to apply in index order. Every one is already durable
+    /// on a quorum counting only persisted copies (this replica's own copy only after an
+    /// `advance`), so a driver may apply them before persisting this Ready, as long as
+    /// there is no `snapshot` to install first; the node runtime does that for the entries
+    /// up to the first membership change, whose bookkeeping stays after the persist.
     pub committed: Vec<Entry>,
     /// Reads that are safe once `applied >= index`.
     pub read_states: Vec<ReadState>,

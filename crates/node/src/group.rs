@@ -1536,6 +1536,20 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         for out in rd.messages.drain(..early) {
             self.send_consensus(out);
         }
+        // 0b. Committed entries are durable on a quorum already (the replica counts its own
+        // copy only once persisted), so their clients need not wait for this Ready's fsync of
+        // newer entries: apply them first. Not with a snapshot (it replaces the state they
+        // apply to) and not past a membership change (its bookkeeping stays after persist).
+        if rd.snapshot.is_none() {
+            let n = rd
+                .committed
+                .iter()
+                .take_while(|e| e.kind != EntryKind::ConfChange)
+                .count();
+            let before: Vec<Entry> = rd.committed.drain(..n).collect();
+            self.apply_committed(before);
+            self.release_reads();
+        }
         // 1. Persist.
         if let Some(snap) = &rd.snapshot {
             // Everything committed before it is applied first (waiting for a running
@@ -1582,19 +1596,8 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         for out in rd.messages {
             self.send_consensus(out);
         }
-        // 3. Apply (or hold back while the snapshot thread serializes).
-        for e in rd.committed {
-            let last = self.apply_backlog.back().map_or(self.applied, |b| b.index);
-            if e.index <= last {
-                continue; // Covered by a snapshot restored above.
-            }
-            assert_eq!(
-                e.index,
-                last + 1,
-                "committed entries apply in order without gaps"
-            );
-            self.apply_or_defer(e);
-        }
+        // 3. Apply what step 0b left (or hold back while the snapshot thread serializes).
+        self.apply_committed(rd.committed);
         for rs in rd.read_states {
             let Ok([ctx]) = envelope::decode_u64s::<1>(&rs.ctx) else {
                 continue;
@@ -1624,6 +1627,23 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         self.replica.advance();
         self.maybe_snapshot()?;
         Ok(())
+    }
+
+    /// Applies committed entries in order (or holds them back while the snapshot thread
+    /// serializes the state machine).
+    fn apply_committed(&mut self, committed: Vec<Entry>) {
+        for e in committed {
+            let last = self.apply_backlog.back().map_or(self.applied, |b| b.index);
+            if e.index <= last {
+                continue; // Covered by a snapshot restored above.
+            }
+            assert_eq!(
+                e.index,
+                last + 1,
+                "committed entries apply in order without gaps"
+            );
+            self.apply_or_defer(e);
+        }
     }
 
     /// Whether no serialization holds the state machine (polls the snapshot thread).

@@ -966,7 +966,12 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         }
         let synced = self.nodes[i].synced_hard_state;
         let hs = rec.hard_state;
-        if hs.term < synced.term || (hs.term == synced.term && hs.vote != synced.vote) {
+        // What was synced, or something written after it: a record written but not yet
+        // fsynced may survive a crash whole (a later term, or this term's vote when none
+        // was synced; a vote is only ever set once per term).
+        if hs.term < synced.term
+            || (hs.term == synced.term && hs.vote != synced.vote && synced.vote != NO_NODE)
+        {
             self.fail(format!(
                 "node {id}: store recovered hard state {hs:?} but {synced:?} was synced"
             ));
@@ -1180,6 +1185,24 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 }
                 self.net.send(self.now, id, m.to, m.msg, &mut self.rng);
             }
+            // 0b. As the node runtime does: committed entries are durable on a quorum, so
+            // they are applied before this Ready's own entries are persisted (not with a
+            // snapshot, not past a membership change). A crash in the persist below then
+            // finds them applied and answered, which is what the sweeps check.
+            if rd.snapshot.is_none() {
+                let n = rd
+                    .committed
+                    .iter()
+                    .take_while(|e| e.kind != EntryKind::ConfChange)
+                    .count();
+                let early_apply: Vec<Entry> = rd.committed.drain(..n).collect();
+                for e in early_apply {
+                    self.apply_entry(id, e, &rd.entries);
+                    if self.report.violation.is_some() {
+                        return;
+                    }
+                }
+            }
             // 1. Persist.
             let needs_sync = rd.snapshot.is_some()
                 || !rd.entries.is_empty()
@@ -1301,7 +1324,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             }
             // 3. Apply.
             for e in rd.committed {
-                self.apply_entry(id, e);
+                self.apply_entry(id, e, &[]);
                 if self.report.violation.is_some() {
                     return;
                 }
@@ -1480,7 +1503,10 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         }
     }
 
-    fn apply_entry(&mut self, id: NodeId, e: Entry) {
+    /// Applies a committed entry. `unwritten` holds the entries of the Ready being handled
+    /// that are not persisted yet (an entry applied before its Ready is persisted must be
+    /// the one that Ready writes).
+    fn apply_entry(&mut self, id: NodeId, e: Entry, unwritten: &[Entry]) {
         let i = Self::idx(id);
         let node = &self.nodes[i];
         if e.index != node.applied + 1 {
@@ -1491,8 +1517,17 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             return;
         }
         let d = entry_digest(&e);
-        // The contract: committed entries are durable on this node.
-        if let Some((term, digest, _)) = node.shadow.get(e.index) {
+        // The contract: committed entries are in this node's log (durable, or written by
+        // the Ready that commits them).
+        if let Some(w) = unwritten.iter().find(|w| w.index == e.index) {
+            if w.term != e.term || entry_digest(w) != d {
+                self.fail(format!(
+                    "node {id}: committed entry {}@{} differs from the one its Ready writes",
+                    e.index, e.term
+                ));
+                return;
+            }
+        } else if let Some((term, digest, _)) = node.shadow.get(e.index) {
             if term != e.term || digest != d {
                 self.fail(format!(
                     "node {id}: committed entry {}@{} differs from what it persisted",
