@@ -185,24 +185,24 @@ pub(crate) mod bytes {
         }
     }
 
-    /// The same for `Option<Box<[u8]>>` (a version's value, `None` for a tombstone).
+    /// The same for an optional byte string (a version's value, `None` for a tombstone).
     pub(crate) mod option {
         use serde::{Deserialize, Deserializer, Serializer};
 
-        pub(crate) fn serialize<S: Serializer>(
-            v: &Option<Box<[u8]>>,
+        pub(crate) fn serialize<S: Serializer, T: AsRef<[u8]>>(
+            v: &Option<T>,
             s: S,
         ) -> Result<S::Ok, S::Error> {
             match v {
-                Some(b) => s.serialize_some(&super::Ref(b)),
+                Some(b) => s.serialize_some(&super::Ref(b.as_ref())),
                 None => s.serialize_none(),
             }
         }
 
-        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>, T: From<Box<[u8]>>>(
             d: D,
-        ) -> Result<Option<Box<[u8]>>, D::Error> {
-            Ok(Option::<super::Owned>::deserialize(d)?.map(|o| o.0))
+        ) -> Result<Option<T>, D::Error> {
+            Ok(Option::<super::Owned>::deserialize(d)?.map(|o| T::from(o.0)))
         }
     }
 }

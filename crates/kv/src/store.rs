@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::ops::Bound;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -75,8 +76,9 @@ const HISTORY_EXACT_GROWTH_MAX: usize = 4;
 /// Estimated bytes a stored key costs beyond its own bytes (map slot, boxed key header,
 /// history vector header, allocator rounding). Used by [`KvStatus::db_size_bytes`].
 pub const KEY_OVERHEAD_BYTES: u64 = 112;
-/// Estimated bytes one stored version costs beyond its value bytes.
-pub const VERSION_OVERHEAD_BYTES: u64 = 64;
+/// Estimated bytes one stored version costs beyond its value bytes (history slot, the
+/// shared value's two reference counts, allocator rounding).
+pub const VERSION_OVERHEAD_BYTES: u64 = 80;
 
 /// One version of a key. A tombstone (`value == None`) records a deletion at `mod_rev` and
 /// has `create_rev == 0`, `version == 0`, `lease == 0`.
@@ -86,8 +88,10 @@ pub(crate) struct Version {
     pub(crate) create_rev: Revision,
     pub(crate) version: i64,
     pub(crate) lease: LeaseId,
+    /// Shared, so copying the store for a snapshot (under the state-machine lock, with
+    /// applies held back) copies a pointer per version instead of every value.
     #[serde(with = "crate::codec::bytes::option")]
-    pub(crate) value: Option<Box<[u8]>>,
+    pub(crate) value: Option<Arc<[u8]>>,
 }
 
 impl Version {
@@ -503,9 +507,9 @@ impl KvStore {
             Some(p) => (p.create_rev, p.version + 1),
             None => (rev, 1),
         };
-        let value: Box<[u8]> = match (prev, req.ignore_value) {
+        let value: Arc<[u8]> = match (prev, req.ignore_value) {
             (Some(p), true) => p.value.clone().expect("live version has a value"),
-            _ => req.value.into_boxed_slice(),
+            _ => Arc::from(req.value),
         };
         let old_lease = prev.map_or(NO_LEASE, |p| p.lease);
         let lease = match (prev, req.ignore_lease) {
