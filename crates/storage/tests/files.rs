@@ -370,6 +370,29 @@ fn snapshot_written_on_another_thread_is_adopted_and_survives_reopen() {
     assert_reopens_with_snapshot_250_and_entries_to_300(&d.0);
 }
 
+/// A snapshot larger than one write piece (written and fsynced piece by piece) comes back
+/// byte for byte, whether it ends on a piece boundary or not.
+#[test]
+fn a_snapshot_of_several_write_pieces_reads_back_whole() {
+    let chunk = concord_storage::snapshot::SNAPSHOT_WRITE_CHUNK_BYTES;
+    for (k, len) in [2 * chunk, 2 * chunk + 12_345, chunk - 1]
+        .into_iter()
+        .enumerate()
+    {
+        let d = TempDir::new(&format!("snap-pieces-{k}"));
+        write_log(&d.0, 300, 4096);
+        let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+        let mut s = snap(250, 1);
+        s.data = (0..len).map(|i| (i % 251) as u8).collect();
+        let written = wal.snapshot_writer().unwrap().write(&s).unwrap();
+        assert!(wal.adopt_snapshot(written).unwrap());
+        drop(wal);
+        let mut wal = Wal::open(&d.0, opts(4096)).unwrap();
+        let r = wal.recover().unwrap();
+        assert_eq!(r.snapshot.unwrap(), s, "snapshot of {len} bytes");
+    }
+}
+
 #[test]
 fn a_crash_between_writing_and_adopting_recovers_the_snapshot() {
     let d = TempDir::new("snap-writer-crash");
