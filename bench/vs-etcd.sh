@@ -7,6 +7,10 @@
 #
 # Usage: bench/vs-etcd.sh [--concord HOST:PORT,HOST:PORT,...] [--ops "put get txn"]
 #                         [--clients "1 16 64"] [--duration 10s] [--value-size 256] [--keys 1000]
+#                         [--rounds 1]
+# With --rounds N each cell is measured N times, etcd and Concord taking turns to go first
+# (this disk's fsync latency drifts over minutes, so back-to-back pairs compare fairly),
+# and a line `median ratio concord/etcd <op> <clients>: X.XX (N rounds: r1 r2 ...)` follows.
 # Without --concord only etcd is measured. Environment: CONCORD_ENDPOINTS (same as
 # --concord), CONCORD_BENCH (path of a built concord-bench), ETCD_DATA_ROOT (where the
 # etcd members keep their data; fsync stays on, as in production).
@@ -22,6 +26,7 @@ CLIENTS="1 16 64"
 DURATION="10s"
 VALUE_SIZE=256
 KEYS=1000
+ROUNDS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --concord) CONCORD="$2"; shift 2 ;;
@@ -30,7 +35,8 @@ while [ $# -gt 0 ]; do
         --duration) DURATION="$2"; shift 2 ;;
         --value-size) VALUE_SIZE="$2"; shift 2 ;;
         --keys) KEYS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        --rounds) ROUNDS="$2"; shift 2 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "vs-etcd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -119,14 +125,36 @@ run() {
 
 for op in $OPS; do
     for c in $CLIENTS; do
-        echo "# etcd $op clients=$c" >&2
-        run etcd "$ETCD_ENDPOINTS" "$op" "$c"
-        etcd_ops="$OPS_PER_SEC"
-        if [ -n "$CONCORD" ]; then
-            echo "# concord $op clients=$c" >&2
-            run concord "$CONCORD" "$op" "$c"
-            awk -v a="$OPS_PER_SEC" -v b="$etcd_ops" -v op="$op" -v c="$c" \
-                'BEGIN { if (b > 0) printf "ratio concord/etcd %s %s: %.2f\n", op, c, a / b; else printf "ratio concord/etcd %s %s: n/a\n", op, c }'
+        ratios=""
+        for r in $(seq 1 "$ROUNDS"); do
+            order="etcd concord"
+            if [ $((r % 2)) = 0 ]; then order="concord etcd"; fi
+            etcd_ops=0
+            concord_ops=0
+            for system in $order; do
+                if [ "$system" = etcd ]; then
+                    echo "# etcd $op clients=$c round $r" >&2
+                    run etcd "$ETCD_ENDPOINTS" "$op" "$c"
+                    etcd_ops="$OPS_PER_SEC"
+                elif [ -n "$CONCORD" ]; then
+                    echo "# concord $op clients=$c round $r" >&2
+                    run concord "$CONCORD" "$op" "$c"
+                    concord_ops="$OPS_PER_SEC"
+                fi
+            done
+            if [ -n "$CONCORD" ]; then
+                ratio="$(awk -v a="$concord_ops" -v b="$etcd_ops" \
+                    'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }')"
+                echo "ratio concord/etcd $op $c: $ratio"
+                ratios="$ratios $ratio"
+            fi
+        done
+        if [ -n "$CONCORD" ] && [ "$ROUNDS" -gt 1 ]; then
+            printf '%s\n' $ratios | grep -v n/a | sort -n | awk -v op="$op" -v c="$c" \
+                -v all="$ratios" -v n="$ROUNDS" '{ v[NR] = $1 }
+                END { if (NR == 0) { printf "median ratio concord/etcd %s %s: n/a\n", op, c; exit }
+                      m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+                      printf "median ratio concord/etcd %s %s: %.2f (%d rounds:%s)\n", op, c, m, n, all }'
         fi
     done
 done
