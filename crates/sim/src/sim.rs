@@ -297,6 +297,11 @@ struct Node<R, S> {
     snap_index: u64,
     reads: Vec<ReadState>,
     shadow: ShadowLog,
+    /// REVIEW: command digests of entries written (index -> digest), and the view of them
+    /// as of the last sync (plus the snapshot base then).
+    written_cmds: BTreeMap<u64, u64>,
+    synced_cmds: BTreeMap<u64, u64>,
+    synced_base: u64,
     /// The hard state last written to the store.
     hard_state: HardState,
     /// The hard state last made durable (written, then synced).
@@ -499,6 +504,9 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 snap_index: 0,
                 reads: Vec::new(),
                 shadow: ShadowLog::default(),
+                written_cmds: BTreeMap::new(),
+                synced_cmds: BTreeMap::new(),
+                synced_base: 0,
                 hard_state: HardState::default(),
                 synced_hard_state: HardState::default(),
                 crash_in_persist: false,
@@ -921,6 +929,12 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         let rec = match self.nodes[i].store.recover() {
             Ok(rec) => rec,
             Err(StorageError::Corrupt { detail, .. }) => {
+                if !self.nodes[i].corrupted && std::env::var_os("SIM_STRICT_CORRUPT").is_some() {
+                    self.fail(format!(
+                        "node {id}: recovery reported corruption although none was injected ({detail})"
+                    ));
+                    return;
+                }
                 self.report.corrupt_detected += 1;
                 self.trace(|| format!("node {id}: corruption detected on recovery ({detail})"));
                 let node = &mut self.nodes[i];
@@ -1002,7 +1016,15 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 ));
                 return;
             }
+            self.written_cmds_clear(id);
             self.shadow_append(id, &entries);
+        } else {
+            self.written_cmds_clear(id);
+        }
+        {
+            let node = &mut self.nodes[i];
+            node.synced_cmds = node.written_cmds.clone();
+            node.synced_base = node.shadow.base_index;
         }
         let config = self.config(id);
         match R::create(config, self.initial.clone(), rec) {
@@ -1134,6 +1156,9 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
         node.snap_index = 0;
         node.reads.clear();
         node.shadow = ShadowLog::default();
+        node.written_cmds.clear();
+        node.synced_cmds.clear();
+        node.synced_base = 0;
         node.hard_state = HardState::default();
         node.synced_hard_state = HardState::default();
         node.crash_in_persist = false;
@@ -1197,6 +1222,10 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     .count();
                 let early_apply: Vec<Entry> = rd.committed.drain(..n).collect();
                 for e in early_apply {
+                    self.check_quorum_durable(id, &e);
+                    if self.report.violation.is_some() {
+                        return;
+                    }
                     self.apply_entry(id, e, &rd.entries);
                     if self.report.violation.is_some() {
                         return;
@@ -1278,6 +1307,8 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 }
                 let node = &mut self.nodes[i];
                 node.synced_hard_state = node.hard_state;
+                node.synced_cmds = node.written_cmds.clone();
+                node.synced_base = node.shadow.base_index;
             }
             if wrote && self.faults_on && self.profile.n >= 3 {
                 self.maybe_fault_new_leader(id);
@@ -1454,8 +1485,59 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
     }
 
     /// Mirrors an append and checks log matching through the chain registry.
+    /// REVIEW: an entry applied before its Ready is persisted must be durable (synced) on a
+    /// quorum of some configuration the node knows (its newest, or its applied one).
+    fn check_quorum_durable(&mut self, id: NodeId, e: &Entry) {
+        if std::env::var_os("SIM_NO_QUORUM_CHECK").is_some() {
+            return;
+        }
+        let cmd = command_digest(e);
+        let has = |n: NodeId| {
+            self.nodes.iter().find(|x| x.id == n).is_some_and(|x| {
+                x.synced_base >= e.index || x.synced_cmds.get(&e.index) == Some(&cmd)
+            })
+        };
+        let majority =
+            |vs: &[NodeId]| vs.is_empty() || vs.iter().filter(|&&v| has(v)).count() * 2 > vs.len();
+        let ok_in = |c: &ConfState| majority(&c.voters) && majority(&c.voters_outgoing);
+        let i = Self::idx(id);
+        let newest = self.nodes[i].replica.as_ref().map(|r| r.status().conf);
+        let applied_conf = self.nodes[i].conf.clone();
+        // Any configuration some node knows (the committing leader's may be newer).
+        let any = self
+            .nodes
+            .iter()
+            .any(|x| ok_in(&x.conf) || x.replica.as_ref().is_some_and(|r| ok_in(&r.status().conf)));
+        if any {
+            return;
+        }
+        let holders: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|x| has(x.id))
+            .map(|x| x.id)
+            .collect();
+        self.fail(format!(
+            "node {id}: applies {}@{} before persisting, but it is durable only on {holders:?} \
+             (conf {applied_conf:?}, newest {newest:?})",
+            e.index, e.term
+        ));
+    }
+
+    fn written_cmds_clear(&mut self, id: NodeId) {
+        self.nodes[Self::idx(id)].written_cmds.clear();
+    }
+
     fn shadow_append(&mut self, id: NodeId, entries: &[Entry]) {
         let i = Self::idx(id);
+        {
+            let w = &mut self.nodes[i].written_cmds;
+            let first = entries[0].index;
+            let _ = w.split_off(&first);
+            for e in entries {
+                w.insert(e.index, command_digest(e));
+            }
+        }
         let first = entries[0].index;
         let shadow = &mut self.nodes[i].shadow;
         if first > shadow.last_index() + 1 {
