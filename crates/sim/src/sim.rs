@@ -302,6 +302,8 @@ struct Node<R, S> {
     written_cmds: BTreeMap<u64, u64>,
     synced_cmds: BTreeMap<u64, u64>,
     synced_base: u64,
+    /// REVIEW: hard states written since the last sync (a crash may keep any of them).
+    written_hs: Vec<HardState>,
     /// The hard state last written to the store.
     hard_state: HardState,
     /// The hard state last made durable (written, then synced).
@@ -507,6 +509,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 written_cmds: BTreeMap::new(),
                 synced_cmds: BTreeMap::new(),
                 synced_base: 0,
+                written_hs: Vec::new(),
                 hard_state: HardState::default(),
                 synced_hard_state: HardState::default(),
                 crash_in_persist: false,
@@ -991,6 +994,19 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
             ));
             return;
         }
+        if std::env::var_os("SIM_PRECISE_HS").is_some()
+            && (hs.term, hs.vote) != (synced.term, synced.vote)
+            && !self.nodes[i]
+                .written_hs
+                .iter()
+                .any(|w| (w.term, w.vote) == (hs.term, hs.vote))
+        {
+            self.fail(format!(
+                "node {id}: recovered hard state {hs:?} was never written (synced {synced:?})"
+            ));
+            return;
+        }
+        self.nodes[i].written_hs.clear();
         let base_chain = self.base_chain(base_index, base_term);
         let node = &mut self.nodes[i];
         node.kv = kv;
@@ -1282,6 +1298,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                     return;
                 }
                 self.nodes[i].hard_state = hs;
+                self.nodes[i].written_hs.push(hs);
                 self.trace(|| format!("node {id} persists {hs:?}"));
             }
             if self.report.violation.is_some() {
@@ -1307,6 +1324,7 @@ impl<R: EngineModel, S: SimStore> Sim<R, S> {
                 }
                 let node = &mut self.nodes[i];
                 node.synced_hard_state = node.hard_state;
+                node.written_hs.clear();
                 node.synced_cmds = node.written_cmds.clone();
                 node.synced_base = node.shadow.base_index;
             }
