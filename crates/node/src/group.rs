@@ -7,9 +7,12 @@
 //!
 //! 0. send the messages the replica marks as not depending on this `Ready`
 //!    (`send_before_persist`: a leader's appends), so followers write in parallel;
+//!    then, unless the `Ready` carries a snapshot or a serialization holds applies back,
+//!    apply the committed entries before the first membership change and answer their
+//!    clients (they are durable on a quorum already; docs/consensus.md, rule 3);
 //! 1. persist the snapshot, entries and hard state, then `sync` when `must_sync`;
 //! 2. send the messages (only now may anything that depends on them leave the node);
-//! 3. apply committed entries, answer the clients waiting on them, release reads whose
+//! 3. apply the other committed entries, answer the clients waiting on them, release reads whose
 //!    index is now applied;
 //! 4. `advance`.
 //!
@@ -397,6 +400,8 @@ where
         id: config.id,
         ..GroupStatus::default()
     }));
+    // This node's position among the members, for spreading the group's snapshots.
+    let rank = members.keys().position(|&m| m == config.id).unwrap_or(0);
     let members = Arc::new(Mutex::new(members));
     let metrics = Arc::new(GroupMetrics::default());
     let handle = GroupHandle {
@@ -450,7 +455,7 @@ where
         snapshot_in_flight: None,
         next_snapshot_at: snapshot_index
             + config.snapshot_every_entries
-            + snapshot_stagger(config.id, config.snapshot_every_entries),
+            + snapshot_stagger(rank, config.snapshot_every_entries),
         status,
         members,
         metrics,
@@ -539,13 +544,15 @@ fn now_nanos() -> u64 {
 }
 
 /// Snapshot layout: `u32 LE members_json_len | members json | state machine bytes`.
-/// How much later than `every` this node takes its first snapshot: members of a group
-/// apply the same entries at about the same time, and if all of them wrote a snapshot at
-/// once (tens of megabytes each, on machines that may share a disk) their log fsyncs would
-/// all stall together. Node ids spread them over up to 3/8 of the interval; later
-/// snapshots follow each node's own previous one, so they stay apart.
-fn snapshot_stagger(id: NodeId, every: u64) -> u64 {
-    (id % 4) * (every / 8)
+/// How much later than `every` a node takes its first snapshot, given its `rank` (its
+/// position among the group's member ids, in order): members of a group apply the same
+/// entries at about the same time, and if all of them wrote a snapshot at once (tens of
+/// megabytes each, on machines that may share a disk) their log fsyncs would all stall
+/// together. Ranks spread them over up to 3/8 of the interval (ranks, not ids: ids are
+/// not dense after members are replaced); later snapshots follow each node's own
+/// previous one, so they stay apart.
+pub fn snapshot_stagger(rank: usize, every: u64) -> u64 {
+    (rank as u64 % 4) * (every / 8)
 }
 
 fn wrap_snapshot(members: &BTreeMap<NodeId, MemberInfo>, sm: &[u8]) -> Vec<u8> {
@@ -1551,7 +1558,9 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
         // copy only once persisted), so their clients need not wait for this Ready's fsync of
         // newer entries: apply them first. Not with a snapshot (it replaces the state they
         // apply to) and not past a membership change (its bookkeeping stays after persist).
-        if rd.snapshot.is_none() {
+        // Also not while a snapshot serialization holds applies back: a full backlog would
+        // wait for it here, before this Ready's fsync and acknowledgements.
+        if rd.snapshot.is_none() && self.serialization_done() {
             let n = rd
                 .committed
                 .iter()
@@ -2032,12 +2041,9 @@ mod tests {
     #[test]
     fn members_of_a_three_node_group_snapshot_apart() {
         let every = 100_000;
-        let offsets: Vec<u64> = [1, 2, 3]
-            .iter()
-            .map(|&id| snapshot_stagger(id, every))
-            .collect();
-        assert_eq!(offsets, vec![12_500, 25_000, 37_500]);
+        let offsets: Vec<u64> = (0..3).map(|rank| snapshot_stagger(rank, every)).collect();
+        assert_eq!(offsets, vec![0, 12_500, 25_000]);
         // Never as much as half an interval, so no member waits much longer than `every`.
-        assert!((1..=64).all(|id| snapshot_stagger(id, every) < every / 2));
+        assert!((0..64).all(|rank| snapshot_stagger(rank, every) < every / 2));
     }
 }

@@ -4,7 +4,7 @@
 
 use concord_consensus::raft::Raft;
 use concord_node::config::parse_peers;
-use concord_node::group::{spawn_group, GroupParams, MemberInfo, StateMachine};
+use concord_node::group::{snapshot_stagger, spawn_group, GroupParams, MemberInfo, StateMachine};
 use concord_node::transport::Transport;
 use concord_node::NodeConfig;
 use concord_storage::wal::{Wal, WalOptions};
@@ -86,16 +86,21 @@ async fn slow_serialization_does_not_stall_commits_and_snapshots_its_own_index()
     })
     .unwrap();
 
-    // Writes one at a time until one of them makes the group start a snapshot.
+    // Writes one at a time until one of them makes the group start a snapshot (a node's
+    // first one may come a little after the interval: snapshots are staggered by rank).
+    let first_snapshot = 10 + snapshot_stagger(0, 10);
     let t0 = Instant::now();
     let mut last = 0;
     while group.status().snapshot_index == 0 && t0.elapsed() < Duration::from_secs(10) {
         last = group.propose(b"x".to_vec()).await.expect("write");
-        if last >= 10 {
+        if last >= first_snapshot {
             break;
         }
     }
-    assert!(last >= 10, "no snapshot point reached: last index {last}");
+    assert!(
+        last >= first_snapshot,
+        "no snapshot point reached: last index {last}"
+    );
     // The serialization (800 ms) has just started. A write now commits at once (the
     // loop still runs) but is applied, and answered, only once the state is captured.
     let started = Instant::now();

@@ -61,6 +61,11 @@ impl RaftLog {
         self.stable
     }
 
+    /// Overrides the durable index; only for the planted bug `count_own_unpersisted`.
+    pub(super) fn set_stable_for_bug(&mut self, stable: u64) {
+        self.stable = stable;
+    }
+
     /// Term of the entry at `index`; `None` if compacted away or beyond the end.
     pub fn term(&self, index: u64) -> Option<u64> {
         if index == self.snap_index {

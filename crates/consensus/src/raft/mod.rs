@@ -54,6 +54,7 @@ pub const KNOWN_BUGS: &[&str] = &[
     "vote_without_persist",
     "lease_without_check_quorum",
     "skip_log_up_to_date_check",
+    "count_own_unpersisted",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +70,11 @@ enum Bug {
     LeaseWithoutCheckQuorum,
     /// Grants (pre-)votes without the §5.4.1 up-to-date check.
     SkipLogUpToDateCheck,
+    /// A leader counts the copy of its entries that the `Ready` being handed out is only
+    /// about to persist toward the commit quorum, so a driver that applies committed
+    /// entries before persisting (docs/consensus.md, rule 3) may apply an entry that a
+    /// crash then loses.
+    CountOwnUnpersisted,
 }
 
 impl Bug {
@@ -78,6 +84,7 @@ impl Bug {
             "vote_without_persist" => Bug::VoteWithoutPersist,
             "lease_without_check_quorum" => Bug::LeaseWithoutCheckQuorum,
             "skip_log_up_to_date_check" => Bug::SkipLogUpToDateCheck,
+            "count_own_unpersisted" => Bug::CountOwnUnpersisted,
             _ => return None,
         })
     }
@@ -1077,8 +1084,16 @@ impl Replica for Raft {
             || hs.vote != self.prev_hs.vote;
         let (prev_term, prev_vote) = (self.prev_hs.term, self.prev_hs.vote);
         self.prev_hs = hs;
-        // Every entry up to `persisting` is durable before the driver applies anything
-        // from this Ready (it persists first), so `committed` holds only durable entries.
+        // `committed` holds entries committed on a quorum of persisted copies (our own
+        // counts only from `stable`, set in `advance`), each in our log up to `persisting`:
+        // the driver may apply them before it persists this Ready.
+        if self.bug(Bug::CountOwnUnpersisted) && self.role == StateRole::Leader {
+            // Planted: count our copy of what this very Ready is about to persist.
+            let saved = self.log.stable();
+            self.log.set_stable_for_bug(self.log.last_index());
+            self.maybe_commit();
+            self.log.set_stable_for_bug(saved);
+        }
         let hi = self.commit.min(self.log.persisting());
         let committed = self
             .log
