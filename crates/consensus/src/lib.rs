@@ -28,9 +28,10 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+#[cfg(test)]
+mod bytes_encoding_tests;
 pub mod paxos;
 pub mod raft;
-mod serde_bytes;
 
 /// Identifies a replica. `0` is never a valid node id (it means "none").
 pub type NodeId = u64;
@@ -69,7 +70,7 @@ pub struct Entry {
     pub index: u64,
     pub term: u64,
     pub kind: EntryKind,
-    #[serde(with = "crate::serde_bytes")]
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -238,7 +239,7 @@ pub struct SnapshotMeta {
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub meta: SnapshotMeta,
-    #[serde(with = "crate::serde_bytes")]
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 

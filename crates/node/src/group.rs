@@ -1566,8 +1566,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
                 .iter()
                 .take_while(|e| e.kind != EntryKind::ConfChange)
                 .count();
-            let before: Vec<Entry> = rd.committed.drain(..n).collect();
-            self.apply_committed(before);
+            self.apply_committed(rd.committed.drain(..n));
             self.release_reads();
         }
         // 1. Persist.
@@ -1651,7 +1650,7 @@ impl<R: Replica, SM: StateMachine> Driver<R, SM> {
 
     /// Applies committed entries in order (or holds them back while the snapshot thread
     /// serializes the state machine).
-    fn apply_committed(&mut self, committed: Vec<Entry>) {
+    fn apply_committed(&mut self, committed: impl IntoIterator<Item = Entry>) {
         for e in committed {
             let last = self.apply_backlog.back().map_or(self.applied, |b| b.index);
             if e.index <= last {

@@ -68,7 +68,7 @@ pub enum Message {
         meta: SnapshotMeta,
         total: u64,
         offset: u64,
-        #[serde(with = "crate::serde_bytes")]
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The receiver has `next_offset` bytes of the snapshot ending at `index`

@@ -64,7 +64,7 @@ pub enum Body {
     Snapshot {
         meta: SnapshotMeta,
         offset: u64,
-        #[serde(with = "crate::serde_bytes")]
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         done: bool,
     },
@@ -77,12 +77,12 @@ pub enum Body {
     TimeoutNow,
     /// A follower forwards a client's read to the leader.
     ReadIndex {
-        #[serde(with = "crate::serde_bytes")]
+        #[serde(with = "serde_bytes")]
         ctx: Vec<u8>,
     },
     ReadIndexResp {
         index: u64,
-        #[serde(with = "crate::serde_bytes")]
+        #[serde(with = "serde_bytes")]
         ctx: Vec<u8>,
     },
 }
